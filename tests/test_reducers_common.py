@@ -1,0 +1,219 @@
+"""Properties every registered reducer must have (run over `vtc.list_reducers()`, so new methods are covered)."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+from conftest import make_inputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vtc
+from vtc.budget import resolve_budget
+from vtc.reducers import get_reducer_class
+
+ALL = vtc.list_reducers()
+HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+BASELINES = {"random", "downsample"}
+
+
+def _make(name: str) -> vtc.Reducer:
+    torch.manual_seed(0)  # trainable reducers initialise their heads from the global RNG
+    return vtc.create_reducer(name).eval()
+
+
+def _valid_indices(sel: vtc.Selection, b: int) -> torch.Tensor:
+    return sel.indices[b][sel.mask[b]]
+
+
+@st.composite
+def cases(draw):
+    grid = (draw(st.integers(2, 7)), draw(st.integers(2, 7)))
+    b = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([4, 8, 16]))
+    seed = draw(st.integers(0, 2**16))
+    frac = draw(st.floats(0.05, 1.0))
+    as_int = draw(st.booleans())
+    return grid, b, d, seed, frac, as_int
+
+
+def _budget(n: int, frac: float, as_int: bool):
+    return max(1, min(n, round(frac * n))) if as_int else frac
+
+
+@pytest.mark.parametrize("name", ALL)
+@HYP
+@given(case=cases())
+def test_contract(name, case):
+    """Shape, dtype, device, exact count, index validity, gathered tokens, merge bookkeeping."""
+    grid, b, d, seed, frac, as_int = case
+    r = _make(name)
+    vt, q = make_inputs(name, b=b, grid=grid, d=d, seed=seed)
+    n = vt.tokens.shape[1]
+    budget = _budget(n, frac, as_int)
+    k = resolve_budget(budget, n)
+    with torch.no_grad():
+        sel = r(vt, budget=budget, query=q)
+    assert sel.tokens.dtype == vt.tokens.dtype and sel.tokens.device == vt.tokens.device
+    assert sel.tokens.dim() == 3 and sel.tokens.shape[0] == b and sel.tokens.shape[2] == d
+    assert sel.mask.dtype == torch.bool and sel.mask.shape == sel.tokens.shape[:2]
+    counts = sel.num_kept
+    if r.adaptive:
+        assert bool((counts >= 1).all() and (counts <= k).all()), (counts, k)
+        assert bool((sel.mask == (torch.arange(sel.mask.shape[1]) < counts[:, None])).all()), "padding must trail"
+    else:
+        assert sel.tokens.shape[1] == k and bool(sel.mask.all())
+    assert torch.isfinite(sel.tokens).all()
+    if sel.indices is not None:
+        assert sel.indices.dtype == torch.int64 and sel.indices.shape == sel.mask.shape
+        for i in range(b):
+            idx = _valid_indices(sel, i)
+            assert bool((idx[1:] > idx[:-1]).all()), "indices must be unique and ascending"
+            assert int(idx.min()) >= 0 and int(idx.max()) < n
+            if not r.merges:
+                assert torch.equal(sel.tokens[i][sel.mask[i]], vt.tokens[i, idx])
+    else:
+        assert r.merges, "only merging reducers may return indices=None"
+    if r.merges:
+        assert sel.weights is not None and sel.assignment is not None
+        assert sel.assignment.shape == (b, n)
+        kk = sel.tokens.shape[1]
+        assert int(sel.assignment.min()) >= -1 and int(sel.assignment.max()) < kk
+        for i in range(b):  # every real output row has a source; padding has none
+            used = torch.zeros(kk, dtype=torch.bool).index_fill_(0, sel.assignment[i][sel.assignment[i] >= 0], True)
+            assert torch.equal(used, sel.mask[i])
+        if r.conserves_mass:
+            assigned = (sel.assignment >= 0).float()
+            torch.testing.assert_close(sel.weights.float().sum(-1), assigned.sum(-1))
+            lhs = (sel.weights.unsqueeze(-1) * sel.tokens.float() * sel.mask.unsqueeze(-1)).sum(1)
+            rhs = (vt.tokens.float() * assigned.unsqueeze(-1)).sum(1)
+            torch.testing.assert_close(lhs, rhs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_full_budget_is_identity(name):
+    r = _make(name)
+    vt, q = make_inputs(name)
+    n = vt.tokens.shape[1]
+    for budget in (n, 1.0):
+        sel = r(vt, budget=budget, query=q)
+        assert torch.equal(sel.tokens, vt.tokens)
+        assert torch.equal(sel.indices, torch.arange(n).expand(vt.tokens.shape[0], n))
+    if not r.adaptive:  # the algorithm itself (not only the base-class shortcut) must reduce to the identity
+        with torch.no_grad():
+            sel = r._reduce(vt, n, q)
+        assert torch.equal(sel.tokens, vt.tokens), "the method's own k = N path is not the identity"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not get_reducer_class(n).stochastic])
+@HYP
+@given(case=cases())
+def test_batch_equals_single_calls(name, case):
+    grid, b, d, seed, frac, as_int = case
+    r = _make(name)
+    vt, q = make_inputs(name, b=max(b, 2), grid=grid, d=d, seed=seed)
+    n = vt.tokens.shape[1]
+    budget = _budget(n, frac, as_int)
+    with torch.no_grad():
+        full = r(vt, budget=budget, query=q)
+        for i in range(vt.tokens.shape[0]):
+            sl = slice(i, i + 1)
+            one = r(vt.index_batch(sl), budget=budget, query=None if q is None else q.index_batch(sl))
+            m = one.num_kept[0]
+            assert int(full.num_kept[i]) == int(m)
+            torch.testing.assert_close(full.tokens[i, :m], one.tokens[0, :m], atol=1e-5, rtol=1e-5)
+            if full.indices is not None:
+                assert torch.equal(full.indices[i, :m], one.indices[0, :m])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_output(name):
+    vt, q = make_inputs(name, b=2, grid=(5, 6))
+    outs = []
+    for _ in range(2):
+        r = _make(name)
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outs.append(r(vt, budget=0.3, query=q))
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_nan_and_dtype_kept(name, dtype):
+    r = _make(name)
+    vt, q = make_inputs(name, b=2, grid=(8, 8), dtype=dtype)
+    # Large-magnitude and repeated tokens are the usual sources of NaN in normalised similarities.
+    vt.tokens[0, :5] = vt.tokens[0, 5:10]
+    vt.tokens[1] *= 50
+    with torch.no_grad():
+        for budget in (1, 7, 0.5):
+            sel = r(vt, budget=budget, query=q)
+            assert sel.tokens.dtype == dtype
+            assert torch.isfinite(sel.tokens.float()).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_query_contract(name):
+    r = _make(name)
+    vt, q = make_inputs(name)
+    if r.needs_query:
+        with pytest.raises(ValueError, match=name):
+            r(vt, budget=0.5)
+    else:
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(vt.tokens.shape[0], 3, vt.tokens.shape[2], generator=g)
+        torch.manual_seed(0)
+        a = r(vt, budget=0.5)
+        torch.manual_seed(0)
+        b = r(vt, budget=0.5, query=q)
+        assert torch.equal(a.tokens, b.tokens), "a reducer that is not query-aware must ignore the query"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bad_inputs_name_the_reducer_and_value(name):
+    r = _make(name)
+    vt, q = make_inputs(name)
+    n = vt.tokens.shape[1]
+    with pytest.raises(ValueError, match=rf"{name}.*rank 2"):
+        r(vt.tokens[0], budget=4, query=q)
+    with pytest.raises(ValueError, match=rf"{name}.*\(2, 0, 16\)"):
+        r(vt.tokens[:, :0], budget=4, query=q)
+    for bad in (0, -3, n + 1):
+        with pytest.raises(ValueError, match=rf"{name}.*budget={bad}"):
+            r(vt, budget=bad, query=q)
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=rf"{name}.*budget={bad}"):
+            r(vt, budget=bad, query=q)
+    nan = dataclasses.replace(vt, tokens=vt.tokens.clone())
+    nan.tokens[1, 3, 2] = float("nan")
+    with pytest.raises(ValueError, match=rf"{name}.*NaN"):
+        r(nan, budget=4, query=q)
+    with pytest.raises(TypeError, match=rf"{name}.*not_a_field.*valid fields"):
+        vtc.create_reducer(name, not_a_field=1)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_config_round_trip_and_docstring(name):
+    r = _make(name)
+    again = vtc.create_reducer(name, **r.config.to_dict())
+    assert again.config == r.config
+    doc = sys.modules[type(r).__module__].__doc__ or ""
+    assert len(doc.strip()) > 40, "every reducer module explains its method"
+    if name not in BASELINES:
+        assert "arXiv" in doc, "a method named after a paper cites it in its module docstring"
+
+
+def test_registry_listing_and_errors():
+    assert ALL == sorted(ALL) and len(ALL) == len(set(ALL))
+    assert vtc.list_reducers("rand*") == ["random"]
+    assert vtc.list_reducers(exclude="*") == []
+    with pytest.raises(ValueError, match="Did you mean 'random'"):
+        vtc.create_reducer("randmo")
+    from vtc.reducers import REDUCERS
+
+    with pytest.raises(KeyError, match="already registered"):
+        REDUCERS.register("random")(type("Dup", (vtc.Reducer,), {}))

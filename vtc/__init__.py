@@ -1,0 +1,13 @@
+"""vtc — visual token compression for vision-language models."""
+
+from .budget import resolve_budget as resolve_budget
+from .reducers import Reducer as Reducer
+from .reducers import ReducerConfig as ReducerConfig
+from .reducers import create_reducer as create_reducer
+from .reducers import list_reducers as list_reducers
+from .reducers import register_reducer as register_reducer
+from .types import Query as Query
+from .types import Selection as Selection
+from .types import VisualTokens as VisualTokens
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Shared tensor kernels used by more than one method (one topic per module)."""

@@ -1,0 +1,206 @@
+"""The reducer base class, its config base, and the public factory (`create_reducer`, `list_reducers`).
+
+A reducer is an `nn.Module` whose `forward(tokens, budget, query=None)` returns a `Selection`. The base class
+does everything that is the same for every method — input checks with errors that name the reducer and the bad
+value, the budget rule (`vtc.budget`), the query contract, the identity at full budget — and calls the method's
+`_reduce(vt, k, query)` with a validated `VisualTokens`, the resolved count `k < N` and a `Query` or None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..budget import resolve_budget
+from ..registry import Registry
+from ..types import Query, Selection, VisualTokens
+
+REDUCERS = Registry("reducer", "vtc.list_reducers()")
+
+
+@dataclass
+class ReducerConfig:
+    """Base of every reducer's config dataclass (each field documents itself with a comment)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Reducer(nn.Module):
+    """Base class: subclasses set the class attributes below and implement `_reduce`.
+
+    Class attributes:
+        name: registry name (set by `register_reducer`).
+        config_cls: the config dataclass.
+        needs_query: the method scores tokens against the question and raises without one.
+        requires: `VisualTokens` fields the method cannot run without (e.g. `("cls_attn",)`).
+        merges: outputs are merged tokens (`indices` is None, `weights`/`assignment` are set).
+        adaptive: the method decides per sample how many tokens to keep, at most the budget.
+        conserves_mass: (mergers) every output is the weight-averaged mean of its sources, so
+            sum_k weights_k * tokens_k equals the sum of the assigned inputs.
+        stochastic: outputs depend on the random state (same seed → same output, but no batch independence).
+        stage: "pre_llm" for reducers that act on visual tokens before the LLM.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[ReducerConfig]] = ReducerConfig
+    needs_query: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ()
+    merges: ClassVar[bool] = False
+    adaptive: ClassVar[bool] = False
+    conserves_mass: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = False
+    stage: ClassVar[str] = "pre_llm"
+
+    def __init__(self, config: ReducerConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.config_cls()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+
+    # ------------------------------------------------------------------ public entry point
+    def forward(
+        self, tokens: Tensor | VisualTokens, budget: int | float, query: Tensor | Query | None = None
+    ) -> Selection:
+        """Reduce `tokens` (`[B, N, D]` or `VisualTokens`) to `budget` tokens per sample.
+
+        Args:
+            tokens: visual tokens, or `VisualTokens` with the side information the method needs.
+            budget: int tokens kept per sample, or float fraction in (0, 1] (see `vtc.budget`).
+            query: question embeddings `[B, T, D]` (or `[T, D]` for B = 1), or a `Query` with a mask.
+        """
+        vt = self._check_tokens(tokens)
+        q = self._check_query(query, vt)
+        n = vt.tokens.shape[1]
+        k = resolve_budget(budget, n, who=self.name)
+        if k == n:  # full budget: the untouched input, bit for bit, for every method
+            return identity_selection(vt.tokens)
+        return self._reduce(vt, k, q)
+
+    def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ validation
+    def _fail(self, msg: str) -> ValueError:
+        return ValueError(f"{self.name}: {msg}")
+
+    def _check_tokens(self, tokens: Tensor | VisualTokens) -> VisualTokens:
+        vt = tokens if isinstance(tokens, VisualTokens) else VisualTokens(tokens)
+        x = vt.tokens
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{self.name}: tokens must be a torch.Tensor or vtc.VisualTokens, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise self._fail(
+                f"tokens must be [B, N, D], got shape {tuple(x.shape)} (rank {x.dim()}); "
+                "add a batch dimension with tokens.unsqueeze(0)"
+            )
+        b, n, d = x.shape
+        if b == 0 or n == 0 or d == 0:
+            raise self._fail(f"tokens must have B, N, D > 0, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise self._fail(f"tokens must be floating point, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise self._fail(f"tokens contain {bad} NaN/Inf values; check the encoder/projector outputs")
+        for f in self.requires:
+            if getattr(vt, f) is None:
+                raise self._fail(
+                    f"needs VisualTokens.{f}, which is None; pass vtc.VisualTokens(tokens, {f}=...) "
+                    "or use an adapter that fills it"
+                )
+        for f in ("features", "keys"):
+            v = getattr(vt, f)
+            if v is not None and (v.dim() != 3 or v.shape[:2] != (b, n)):
+                raise self._fail(f"VisualTokens.{f} must be [B={b}, N={n}, *], got {tuple(v.shape)}")
+        if vt.cls_attn is not None:
+            a = vt.cls_attn
+            if a.dim() == 2:
+                vt = dataclasses.replace(vt, cls_attn=a.unsqueeze(1))
+            elif a.dim() != 3 or a.shape[0] != b or a.shape[2] != n:
+                raise self._fail(f"VisualTokens.cls_attn must be [B={b}, heads, N={n}], got {tuple(a.shape)}")
+        per_view = n // vt.num_views()
+        if per_view * vt.num_views() != n:
+            raise self._fail(f"N={n} tokens do not split into {vt.num_views()} equal views/frames")
+        if vt.grid is not None and vt.grid[0] * vt.grid[1] != per_view:
+            raise self._fail(f"grid={vt.grid} has {vt.grid[0] * vt.grid[1]} cells but each view has {per_view} tokens")
+        return vt
+
+    def _check_query(self, query: Tensor | Query | None, vt: VisualTokens) -> Query | None:
+        if query is None:
+            if self.needs_query:
+                raise self._fail("is query-aware and needs query=<question embeddings [B, T, D]>; got None")
+            return None
+        q = query if isinstance(query, Query) else Query(query)
+        if q.embeds.dim() == 2:
+            q = Query(q.embeds.unsqueeze(0), None if q.mask is None else q.mask.reshape(1, -1))
+        b, _, d = vt.tokens.shape
+        if q.embeds.dim() != 3 or q.embeds.shape[0] != b or q.embeds.shape[2] != d:
+            raise self._fail(
+                f"query must be [B={b}, T, D={d}] in the tokens' embedding space, got {tuple(q.embeds.shape)}"
+            )
+        if q.mask is not None and q.mask.shape != q.embeds.shape[:2]:
+            raise self._fail(f"query mask must be [B, T]={tuple(q.embeds.shape[:2])}, got {tuple(q.mask.shape)}")
+        if q.embeds.shape[1] == 0 or not bool(q.valid_mask().any(-1).all()):
+            raise self._fail("every sample needs at least one query token")
+        if not torch.isfinite(q.embeds).all():
+            raise self._fail("query embeddings contain NaN/Inf")
+        return q
+
+    def grid_of(self, vt: VisualTokens) -> tuple[int, int]:
+        """`(h, w)` of one view: `vt.grid`, or a square inferred from N (error if N per view is not square)."""
+        if vt.grid is not None:
+            return vt.grid
+        n = vt.tokens.shape[1] // vt.num_views()
+        s = int(round(n**0.5))
+        if s * s != n:
+            raise self._fail(f"needs a 2-D grid; N={n} per view is not a square, pass VisualTokens(grid=(h, w))")
+        return s, s
+
+
+def identity_selection(x: Tensor) -> Selection:
+    """Every token kept, in order."""
+    b, n, _ = x.shape
+    idx = torch.arange(n, device=x.device).expand(b, n).contiguous()
+    return Selection(tokens=x, indices=idx, mask=torch.ones(b, n, dtype=torch.bool, device=x.device))
+
+
+def register_reducer(name: str, config: type[ReducerConfig]):
+    """Class decorator registering a `Reducer` subclass under `name` with its config dataclass."""
+
+    def wrap(cls: type[Reducer]) -> type[Reducer]:
+        cls.config_cls = config
+        return REDUCERS.register(name)(cls)
+
+    return wrap
+
+
+def list_reducers(pattern: str | Iterable[str] = "*", exclude: str | Iterable[str] = ()) -> list[str]:
+    """Sorted names of the registered reducers matching `pattern` (fnmatch wildcards), e.g. `"*prune*"`."""
+    return REDUCERS.list(pattern, exclude)
+
+
+def get_reducer_class(name: str) -> type[Reducer]:
+    return REDUCERS.get(name)
+
+
+def create_reducer(name: str, **config: Any) -> Reducer:
+    """Build a reducer by name; `config` keys are the fields of its config dataclass.
+
+    Example:
+        >>> r = vtc.create_reducer("divprune")
+        >>> sel = r(torch.randn(2, 576, 64), budget=64)
+        >>> sel.tokens.shape
+        torch.Size([2, 64, 64])
+    """
+    cls = REDUCERS.get(name)
+    valid = [f.name for f in dataclasses.fields(cls.config_cls)]
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise TypeError(f"{name}: unknown config key(s) {unknown}; valid fields are {valid or 'none'}")
+    return cls(cls.config_cls(**config))
