@@ -11,3 +11,7 @@ from .types import Selection as Selection
 from .types import VisualTokens as VisualTokens
 
 __version__ = "0.1.0"
+
+from .adapters import compress as compress  # noqa: E402  (after the reducers it patches in)
+from .adapters import compressed as compressed  # noqa: E402
+from .adapters import restore as restore  # noqa: E402

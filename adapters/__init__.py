@@ -1,0 +1,11 @@
+"""vtc.adapters — plug reducers into real models.
+
+* Model families (`compress` / `restore` / `compressed`): one file per transformers VLM family.
+"""
+
+from . import llava as llava  # noqa: F401  (registers the family)
+from .base import adapter_of as adapter_of
+from .base import compress as compress
+from .base import compressed as compressed
+from .base import restore as restore
+from .base import supported_models as supported_models
