@@ -225,6 +225,10 @@ def test_lazy_build_matches_eager_and_loads_checkpoints():
     with torch.no_grad():
         b = fresh(vt, budget=9, query=q)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.info["rho"], b.info["rho"])
+    with torch.inference_mode():
+        built_late = _make()
+        built_late(vt, budget=9, query=q)
+    assert not built_late.scorer.q_proj.weight.is_inference() and built_late.scorer.q_proj.weight.requires_grad
     with pytest.raises(ValueError, match=r"qtsplus.*D=12.*D=8"):
         lazy(vtc.VisualTokens(vt.tokens[..., :8]), budget=9, query=q.embeds[..., :8])
 

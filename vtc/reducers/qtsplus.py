@@ -247,14 +247,15 @@ class QTSplus(Reducer):
         """Create the parameters for token width `dim` (done by the first call when `config.dim` is None)."""
         c = self.config
         hd = c.head_dim or -(-dim // c.n_heads)
-        with torch.random.fork_rng(devices=[]):
+        # Ordinary (trainable) parameters even when the first call runs under torch.inference_mode.
+        with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._init_seed)
             self.scorer = QTSplusScorer(dim, c.n_heads, hd)
             self.budget_head = QTSplusBudgetHead(dim, c.hidden, c.rho_min, c.rho_max)
             self.reencoder = QTSplusReEncoder(dim, c.n_heads, hd) if c.reencode else None
+            if device is not None:
+                self.to(device)
         self.dim = dim
-        if device is not None:
-            self.to(device)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "scorer.q_norm"

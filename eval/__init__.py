@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, harness, metrics and reports for vtc (installed as `vtc.eval`)."""
