@@ -99,6 +99,11 @@ class VLMAdapter:
         self._had_instance_forward = "forward" in model.__dict__
         self._orig_forward = model.forward
         self._sig = inspect.signature(type(model).forward)
+        self.in_llm = None
+        if reducer.stage == "in_llm":
+            from .in_llm import InLLMPruner
+
+            self.in_llm = InLLMPruner(model, reducer, budget)
 
     # ------------------------------------------------------------------ family hooks
     def encode(self, pixel_values: Tensor, extra: dict[str, Any]) -> list[VisualTokens]:
@@ -131,6 +136,16 @@ class VLMAdapter:
             return position_ids
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def place(self, image: int, sel: Selection, j: int) -> tuple[Tensor, Tensor, int]:
+        """Where image `image` (row `j` of its group's selection) goes in its placeholder run.
+
+        Returns the run columns to keep (any order), the embeddings to put there and how many of them are visual
+        tokens (families may add separators, e.g. LLaVA-NeXT's row newlines). Default: the run is the reducer's
+        layout; a merged token sits where its first source token sat.
+        """
+        cols, toks = _placed_tokens(sel, j)
+        return cols, toks, int(cols.numel())
+
     def set_rope_state(self, positions: Tensor, keep_src: Tensor, new_mask: Tensor) -> None:
         """Hook for M-RoPE families (rope_deltas)."""
 
@@ -149,9 +164,13 @@ class VLMAdapter:
         params = [p for n, p in self._sig.parameters.items() if n not in ("self", "mm_encoder_outputs")]
         forward.__signature__ = self._sig.replace(parameters=params)
         self.model.forward = forward
+        if self.in_llm is not None:
+            self.in_llm.attach()
         setattr(self.model, _STATE_ATTR, self)
 
     def detach(self) -> None:
+        if self.in_llm is not None:
+            self.in_llm.detach()
         if self._had_instance_forward:
             self.model.forward = self._orig_forward
         else:
@@ -202,15 +221,15 @@ class VLMAdapter:
             q = None
             if query is not None:
                 q = Query(query.embeds[i : i + m], query.mask[i : i + m])
-            sel = self.reducer(g, budget=self.budget, query=q)
+            sel = _keep_all(g.tokens) if self.in_llm is not None else self.reducer(g, budget=self.budget, query=q)
             selections.append(sel)
             for j in range(m):
-                cols, toks = _placed_tokens(sel, j)
+                cols, toks, n_visual = self.place(i + j, sel, j)
                 s = slots[i + j]
                 dst = s.cols[cols]
                 keep[s.b, dst] = True
                 embeds[s.b, dst] = toks.to(embeds.dtype)
-                kept.append(int(cols.numel()))
+                kept.append(n_visual)
             i += m
         positions = self.full_positions(input_ids, attention_mask, kw.pop("position_ids", None), extra)
         src, valid = _compact(keep)  # [B, L'] source column of each new column, validity
@@ -222,9 +241,16 @@ class VLMAdapter:
             new_pos = renum.expand_as(new_pos) if new_pos.dim() == 3 else renum
         new_pos = new_pos * valid if new_pos.dim() == 2 else new_pos * valid.unsqueeze(0)
         self.set_rope_state(positions, src, new_mask)
-        out = self._orig_forward(
-            input_ids=None, inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, **kw
-        )
+        if self.in_llm is not None:
+            img = (input_ids == self.image_token_id).gather(1, src) & valid
+            self.in_llm.begin_prefill(img, new_mask.bool(), int(img.sum(-1).max()))
+        try:
+            out = self._orig_forward(
+                input_ids=None, inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, **kw
+            )
+        finally:
+            if self.in_llm is not None:
+                self.in_llm.end_prefill()
         last_orig = positions[..., -1]  # [B] or [3, B]
         last_new = new_pos[..., -1]
         self.last = {
@@ -233,6 +259,7 @@ class VLMAdapter:
             "source_columns": src.masked_fill(~valid, -1),
             "num_visual_in": sum(counts),
             "num_visual_kept": sum(kept),
+            "effective_visual_tokens": self.in_llm.effective if self.in_llm else sum(kept) / max(len(kept), 1),
         }
         cache = getattr(out, "past_key_values", None)
         self._decode = None
@@ -293,6 +320,12 @@ class VLMAdapter:
         return Query(q, m)
 
     extra_image_keys: tuple[str, ...] = ()
+
+
+def _keep_all(x: Tensor) -> Selection:
+    b, n, _ = x.shape
+    idx = torch.arange(n, device=x.device).expand(b, n)
+    return Selection(x, idx, torch.ones(b, n, dtype=torch.bool, device=x.device))
 
 
 def _placed_tokens(sel: Selection, j: int) -> tuple[Tensor, Tensor]:

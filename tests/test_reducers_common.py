@@ -16,6 +16,7 @@ from vtc.budget import resolve_budget
 from vtc.reducers import get_reducer_class
 
 ALL = vtc.list_reducers()
+PRE = [n for n in ALL if get_reducer_class(n).stage == "pre_llm"]  # in-LLM methods: tests/test_adapter_in_llm.py
 HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BASELINES = {"random", "downsample"}
 
@@ -44,7 +45,7 @@ def _budget(n: int, frac: float, as_int: bool):
     return max(1, min(n, round(frac * n))) if as_int else frac
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 @HYP
 @given(case=cases())
 def test_contract(name, case):
@@ -93,7 +94,7 @@ def test_contract(name, case):
             torch.testing.assert_close(lhs, rhs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 def test_full_budget_is_identity(name):
     r = _make(name)
     vt, q = make_inputs(name)
@@ -108,7 +109,7 @@ def test_full_budget_is_identity(name):
         assert torch.equal(sel.tokens, vt.tokens), "the method's own k = N path is not the identity"
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if not get_reducer_class(n).stochastic])
+@pytest.mark.parametrize("name", [n for n in PRE if not get_reducer_class(n).stochastic])
 @HYP
 @given(case=cases())
 def test_batch_equals_single_calls(name, case):
@@ -129,7 +130,7 @@ def test_batch_equals_single_calls(name, case):
                 assert torch.equal(full.indices[i, :m], one.indices[0, :m])
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 def test_same_seed_same_output(name):
     vt, q = make_inputs(name, b=2, grid=(5, 6))
     outs = []
@@ -141,7 +142,7 @@ def test_same_seed_same_output(name):
     assert torch.equal(outs[0].tokens, outs[1].tokens)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_nan_and_dtype_kept(name, dtype):
     r = _make(name)
@@ -156,7 +157,7 @@ def test_no_nan_and_dtype_kept(name, dtype):
             assert torch.isfinite(sel.tokens.float()).all()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 def test_query_contract(name):
     r = _make(name)
     vt, q = make_inputs(name)
@@ -173,7 +174,7 @@ def test_query_contract(name):
         assert torch.equal(a.tokens, b.tokens), "a reducer that is not query-aware must ignore the query"
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", PRE)
 def test_bad_inputs_name_the_reducer_and_value(name):
     r = _make(name)
     vt, q = make_inputs(name)

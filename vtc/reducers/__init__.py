@@ -5,6 +5,7 @@ import pkgutil
 
 from .base import (
     REDUCERS,
+    InLLMReducer,
     Reducer,
     ReducerConfig,
     create_reducer,
@@ -20,6 +21,7 @@ for _m in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "REDUCERS",
+    "InLLMReducer",
     "Reducer",
     "ReducerConfig",
     "create_reducer",

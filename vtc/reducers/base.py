@@ -163,6 +163,37 @@ class Reducer(nn.Module):
         return s, s
 
 
+class InLLMReducer(Reducer):
+    """Base of the methods that drop visual tokens inside the LLM (FastV, PDrop, DART, ...).
+
+    They run through a model adapter (`vtc.compress(model, name, budget=...)`), which calls `plan` once per prefill
+    and `score` at each stage with a `vtc.adapters.in_llm.LayerContext` (q/k of the layer before the stage, hidden
+    states, which columns are visual). `budget` is the number of visual tokens kept after the last stage unless a
+    method says otherwise; the adapter reports the effective (layer-averaged) count.
+    """
+
+    stage = "in_llm"
+
+    def plan(self, n_visual: int, k: int, num_layers: int) -> list[tuple[int, int]]:
+        """`[(layer, visual tokens kept from that layer on), ...]`, layers ascending, counts non-increasing."""
+        raise NotImplementedError
+
+    def score(self, ctx: Any) -> Tensor:
+        """`[B, L]` importance of every column at a stage (only visual columns are read; higher is kept)."""
+        raise NotImplementedError
+
+    def forward(self, tokens: Any, budget: int | float, query: Any = None) -> Selection:
+        raise TypeError(
+            f"{self.name} prunes inside the LLM and needs the model: use vtc.compress(model, {self.name!r}, "
+            "budget=...) (pre-LLM reducers: vtc.list_reducers() with stage == 'pre_llm')"
+        )
+
+    def _check_layer(self, layer: int, num_layers: int) -> int:
+        if not 1 <= layer < num_layers:
+            raise self._fail(f"layer={layer} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM")
+        return layer
+
+
 def identity_selection(x: Tensor) -> Selection:
     """Every token kept, in order."""
     b, n, _ = x.shape
