@@ -1,0 +1,253 @@
+"""ATP-LLaVA: instance-adaptive visual token pruning with learned thresholds and spatial augmentation.
+
+Ye et al., "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models", arXiv 2412.00447 (CVPR 2025;
+no official code, project page https://yxxxb.github.io/ATP-LLaVA-page/). An ATP module sits between two LLM layers
+and keeps, per instance, the visual tokens that pass either of two learned thresholds:
+
+* redundancy score S_red = (S_self + S_cross) / 2, with S_self[j] = mean_i of the pre-softmax logits v_i → v_j
+  among visual tokens and S_cross[j] = mean_t softmax_j(t → v_j) from the text tokens;
+* spatial score S_sp (Spatial Augmented Pruning): tokens on a uniform 2-D lattice of sampling rate R_s score
+  1 − λ·R_s (λ = 3), so a sparse lattice scores high and survives a high threshold;
+* thresholds θ_r, θ_s = sigmoid(head(MLP([mean S_self, mean S_cross]))) per instance;
+* training: soft mask max(σ(T(S_red − θ_r)), σ(T(S_sp − θ_s))), T = 10; inference: keep = (S_red > θ_r) OR
+  (S_sp > θ_s). Loss (next-token loss excluded): 0.05·Σ_l (kept_l / N)·l + 0.2·|mean kept − target|.
+
+The functions below are the reusable pieces (adapters call them inside the LLM with the layer's own q/k); the
+`atp` reducer applies them before the LLM, where the "attention" comes from the embeddings themselves.
+
+Pinned choices (the paper leaves these open or they are not verifiable without code):
+
+* Pre-LLM attention: q = k = the visual token embeddings and the text queries are the question embeddings,
+  one head, logits = q·k/√D. With LLM q/k of several heads, logits and softmaxes are per head, then head-mean;
+  grouped-query k/v heads are repeated to the query heads. S_self averages over all visual queries i (no causal
+  mask: pre-softmax logits exist for every pair), which is (mean_i q_i)·k_j/√d. The softmax of S_cross runs over
+  the N visual keys only, and the mean over t skips padded text positions.
+* Comparable ranges: S_self and S_cross are each min-max normalised to [0, 1] per instance before averaging, and
+  the MLP sees the means of the normalised scores (the raw mean of S_cross is always 1/N).
+* SAP: `spatial_rates` is a ladder of uniform lattices (`vtc.ops.grid.uniform_grid_indices`, round(R·h·w) points
+  per view); a token scores 1 − λ·R for the sparsest lattice it lies on and 0 if on none. A single rate gives the
+  one-lattice reading; the ladder lets θ_s choose the sampling density per instance (S_sp > θ_s ⟺ R < (1 − θ_s)/λ).
+  Default rates 1/64 … 1/4 (9, 16, 36, 64, 144 of 24×24).
+* Threshold head: Linear(2, hidden) → GELU → Linear(hidden, hidden) → GELU → Linear(hidden, 2), the last layer
+  initialised with N(0, 0.01²) weights and bias logit(θ_r0), logit(θ_s0); θ_r0 = 0.5 and θ_s0 = 0.7 keep about
+  a quarter of the tokens on typical score distributions at initialisation (the paper's 576 → 144 regime): the
+  spatial branch keeps the 1/64, 1/36 and 1/16 lattices (~8%), the redundancy branch the tokens above mid-range.
+* Budget cap: at most k tokens (the budget), at least 1, ranked by the margin max(S_red − θ_r, S_sp − θ_s)
+  (higher first; ties by S_red, then lower index). The kept tokens keep their original order.
+* Training: the returned selection is always the hard rule; `info["soft_mask"]` (`[B, N]`, differentiable to the
+  threshold head and to the scores) is what a training adapter applies instead of dropping, and `info["theta"]`,
+  `info["num_passed"]` (count before the cap) report the instance's thresholds. At the full budget the base class
+  returns the identity and no scores are computed.
+* Loss: `kept` is `[B, L]` (soft counts Σ_j mask_j at the L pruning layers); "mean kept" is the mean over those
+  layers; the result is averaged over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import attention_logits
+from ..ops.grid import uniform_grid_indices
+from ..ops.select import keep_mask_to_indices, pruned_selection
+from ..types import Query, Selection, VisualTokens
+from .base import Reducer, ReducerConfig, register_reducer
+
+
+@dataclass
+class ATPConfig(ReducerConfig):
+    temperature: float = 10.0  # T of the differentiable training mask
+    spatial_lambda: float = 3.0  # λ: a lattice of sampling rate R scores 1 − λ·R
+    spatial_rates: tuple[float, ...] = (1 / 64, 1 / 36, 1 / 16, 1 / 9, 1 / 4)  # SAP lattices, fraction of a view
+    hidden: int = 64  # width of the threshold MLP
+    init_theta_red: float = 0.5  # θ_r at initialisation (in (0, 1))
+    init_theta_spatial: float = 0.7  # θ_s at initialisation (in (0, 1))
+
+    def __post_init__(self) -> None:
+        for name in ("init_theta_red", "init_theta_spatial"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"atp: {name} must lie in (0, 1), got {getattr(self, name)!r}")
+        if not self.spatial_rates or not all(0 < r <= 1 for r in self.spatial_rates):
+            raise ValueError(f"atp: spatial_rates must be fractions in (0, 1], got {self.spatial_rates!r}")
+        self.spatial_rates = tuple(float(r) for r in self.spatial_rates)
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def _as_heads(x: Tensor) -> Tensor:
+    """`[B, L, D]` (one head) or `[B, H, L, Dh]` → `[B, H, L, Dh]`."""
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def _repeat_kv(k: Tensor, heads: int) -> Tensor:
+    """Repeat grouped-query key heads `[B, Hk, N, Dh]` up to `heads` query heads."""
+    if k.shape[1] == heads:
+        return k
+    if heads % k.shape[1]:
+        raise ValueError(f"atp: {heads} query heads are not a multiple of {k.shape[1]} key heads")
+    return k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def importance_scores(
+    q_vis: Tensor, k_vis: Tensor, q_text: Tensor, text_mask: Tensor | None = None, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """ATP's raw importance scores of the N visual tokens.
+
+    Args:
+        q_vis: `[B, H, N, Dh]` queries of the visual tokens (or `[B, N, D]`, one head).
+        k_vis: `[B, Hk, N, Dh]` keys of the visual tokens (Hk divides H), or `[B, N, D]`.
+        q_text: `[B, H, T, Dh]` queries of the text tokens, or `[B, T, D]`.
+        text_mask: `[B, T]` bool, True for real text tokens (None: all).
+        scale: logit scale (default 1/√Dh).
+    Returns:
+        S_self `[B, N]` (mean over visual queries of the pre-softmax logits, head-mean) and S_cross `[B, N]`
+        (mean over real text queries of the softmax over visual keys, head-mean), float32, differentiable.
+    """
+    q_vis, q_text = _as_heads(q_vis), _as_heads(q_text)
+    k_vis = _repeat_kv(_as_heads(k_vis), q_vis.shape[1])
+    # mean_i (q_i · k_j) = (mean_i q_i) · k_j: the N×N logits are never formed.
+    s_self = attention_logits(q_vis.float().mean(-2, keepdim=True), k_vis, scale).squeeze(-2).mean(1)  # [B, N]
+    probs = attention_logits(q_text, k_vis, scale).softmax(-1)  # [B, H, T, N]
+    if text_mask is None:
+        s_cross = probs.mean(-2)
+    else:
+        m = text_mask.to(probs.dtype)[:, None, :, None]  # [B, 1, T, 1]
+        s_cross = (probs * m).sum(-2) / m.sum(-2).clamp(min=1)
+    return s_self, s_cross.mean(1)
+
+
+def minmax(s: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-row min-max normalisation of `[B, N]` scores to [0, 1] (a constant row maps to 0)."""
+    lo = s.min(-1, keepdim=True).values
+    hi = s.max(-1, keepdim=True).values
+    return (s - lo) / (hi - lo).clamp(min=eps)
+
+
+def redundancy_score(s_self: Tensor, s_cross: Tensor) -> Tensor:
+    """S_red = (minmax(S_self) + minmax(S_cross)) / 2, `[B, N]` in [0, 1]."""
+    return 0.5 * (minmax(s_self) + minmax(s_cross))
+
+
+def spatial_scores(h: int, w: int, rates: Sequence[float], lam: float = 3.0, views: int = 1) -> Tensor:
+    """SAP scores of every token of `views` h×w grids: 1 − λ·R of the sparsest lattice holding it, else 0.
+
+    Returns:
+        `[views * h * w]` float32.
+    """
+    s = torch.zeros(h * w)
+    for r in sorted(rates, reverse=True):  # denser lattices first, so sparser ones overwrite them
+        s[uniform_grid_indices(max(1, min(h * w, round(r * h * w))), h, w)] = 1.0 - lam * r
+    return s.repeat(views)
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+class ATPThresholds(nn.Module):
+    """θ_r, θ_s = sigmoid(head(MLP([mean S_self, mean S_cross]))) per instance (normalised scores as input)."""
+
+    def __init__(self, hidden: int = 64, init_theta_red: float = 0.5, init_theta_spatial: float = 0.7) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.head = nn.Linear(hidden, 2)
+        nn.init.normal_(self.head.weight, std=0.01)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.logit(torch.tensor([init_theta_red, init_theta_spatial])))
+
+    def forward(self, s_self: Tensor, s_cross: Tensor) -> Tensor:
+        """`[B, N]` normalised S_self, S_cross → `[B, 2]` (θ_r, θ_s) in (0, 1), float32."""
+        feats = torch.stack([s_self.mean(-1), s_cross.mean(-1)], -1).to(self.head.weight.dtype)  # [B, 2]
+        return torch.sigmoid(self.head(self.mlp(feats))).float()
+
+
+def soft_keep_mask(s_red: Tensor, s_sp: Tensor, theta: Tensor, temperature: float = 10.0) -> Tensor:
+    """Differentiable training mask max(σ(T(S_red − θ_r)), σ(T(S_sp − θ_s))), `[B, N]` in (0, 1)."""
+    red = torch.sigmoid(temperature * (s_red - theta[:, :1]))
+    sp = torch.sigmoid(temperature * (s_sp - theta[:, 1:]))
+    return torch.maximum(red, sp)
+
+
+def hard_keep(s_red: Tensor, s_sp: Tensor, theta: Tensor, k: int) -> Tensor:
+    """Inference rule keep = (S_red > θ_r) OR (S_sp > θ_s), at most k and at least 1 per row: `[B, N]` bool.
+
+    When more than k pass (or none), the ranking is by the margin max(S_red − θ_r, S_sp − θ_s), then S_red,
+    then the lower index.
+    """
+    margin = torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])  # [B, N]
+    count = (margin > 0).sum(-1, keepdim=True).clamp(1, k)  # [B, 1]
+    by_red = torch.sort(s_red, dim=-1, descending=True, stable=True).indices
+    order = by_red.gather(1, torch.sort(margin.gather(1, by_red), dim=-1, descending=True, stable=True).indices)
+    return order.argsort(-1) < count  # rank of every token < its row's count
+
+
+def atp_loss(
+    kept: Tensor,
+    layers: Sequence[int],
+    num_tokens: int,
+    target: float,
+    layer_weight: float = 0.05,
+    target_weight: float = 0.2,
+) -> Tensor:
+    """ATP's budget loss (the next-token loss is added by the caller).
+
+    Args:
+        kept: `[B, L]` (soft) number of visual tokens kept at each of the L pruning layers.
+        layers: the L layer indices l (deeper layers cost more).
+        num_tokens: N, the visual tokens before pruning.
+        target: the target mean number of kept tokens (the paper: 144 of 576).
+    Returns:
+        scalar: mean over the batch of layer_weight·Σ_l (kept_l/N)·l + target_weight·|mean_l kept_l − target|.
+    """
+    if kept.dim() != 2 or kept.shape[1] != len(layers):
+        raise ValueError(f"atp_loss: kept must be [B, L={len(layers)}], got {tuple(kept.shape)}")
+    lidx = torch.as_tensor(list(layers), dtype=kept.dtype, device=kept.device)  # [L]
+    layer_term = (kept / num_tokens * lidx).sum(-1)  # [B]
+    target_term = (kept.mean(-1) - target).abs()  # [B]
+    return (layer_weight * layer_term + target_weight * target_term).mean()
+
+
+# ---------------------------------------------------------------------------------------------- reducer
+@register_reducer("atp", config=ATPConfig)
+class ATP(Reducer):
+    """Keep the tokens that pass ATP's learned redundancy or spatial threshold, at most k per sample."""
+
+    needs_query = True
+    adaptive = True
+
+    def __init__(self, config: ATPConfig | None = None) -> None:
+        super().__init__(config)
+        c = self.config
+        self.thresholds = ATPThresholds(c.hidden, c.init_theta_red, c.init_theta_spatial)
+
+    def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
+        x = vt.tokens  # [B, N, D]
+        b, n, _ = x.shape
+        h, w = self.grid_of(vt)
+        c = self.config
+        s_self, s_cross = importance_scores(x, x, query.embeds, query.valid_mask())  # [B, N] each
+        s_self, s_cross = minmax(s_self), minmax(s_cross)
+        s_red = 0.5 * (s_self + s_cross)  # [B, N]
+        s_sp = spatial_scores(h, w, c.spatial_rates, c.spatial_lambda, vt.num_views()).to(x.device).expand(b, n)
+        theta = self.thresholds(s_self, s_cross)  # [B, 2]
+        soft = soft_keep_mask(s_red, s_sp, theta, c.temperature)  # [B, N], carries gradients in training
+        with torch.no_grad():
+            keep = hard_keep(s_red, s_sp, theta, k)
+            passed = ((s_red > theta[:, :1]) | (s_sp > theta[:, 1:])).sum(-1)  # [B] before the budget cap
+        idx, mask = keep_mask_to_indices(keep)
+        return pruned_selection(
+            x, idx, mask, theta=theta, soft_mask=soft, s_red=s_red, s_spatial=s_sp, num_passed=passed
+        )
+
+
+__all__ = [
+    "ATP",
+    "ATPConfig",
+    "ATPThresholds",
+    "atp_loss",
+    "hard_keep",
+    "importance_scores",
+    "minmax",
+    "redundancy_score",
+    "soft_keep_mask",
+    "spatial_scores",
+]
