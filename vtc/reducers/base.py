@@ -80,7 +80,11 @@ class Reducer(nn.Module):
         n = vt.tokens.shape[1]
         k = resolve_budget(budget, n, who=self.name)
         if k == n:  # full budget: the untouched input, bit for bit, for every method
-            return identity_selection(vt.tokens)
+            sel = identity_selection(vt.tokens)
+            if self.merges:  # every input is its own group of size 1
+                sel.weights = sel.mask.float()
+                sel.assignment = sel.indices.clone()
+            return sel
         return self._reduce(vt, k, q)
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
