@@ -26,7 +26,8 @@ that are not registered are skipped, and so are in-LLM reducers (stage != "pre_l
 Results go to `--out` (default `runs/bench_reducers/`): `bench.csv` gets one row per measurement, appended and
 synced as soon as it is measured, so a killed run loses nothing; `bench.md` (the Markdown table, also printed at the
 end) is rewritten after every row. A rerun skips the rows already in the CSV (same method, device, dtype and sizes)
-unless `--fresh`. A method that raises is reported at the end and not written, so the next run retries it.
+unless `--fresh`. `bench.lock` keeps two runs from writing to the same folder at once (a killed run's lock is
+taken over). A method that raises is reported at the end and not written, so the next run retries it.
 """
 
 from __future__ import annotations
@@ -316,6 +317,31 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], note: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def acquire_lock(out: Path) -> Path:
+    """Claim `out` for this process (`bench.lock` holds the pid); a live holder is an error, a dead one's is taken."""
+    lock = out / "bench.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                if pid > 0 and pid != os.getpid():
+                    os.kill(pid, 0)  # raises if that process is gone
+                    raise SystemExit(
+                        f"bench_reducers: another run (pid {pid}) is writing to {out}; wait or use another --out"
+                    )
+            except (ProcessLookupError, ValueError):
+                pass
+            except PermissionError:  # alive, owned by someone else
+                raise SystemExit(f"bench_reducers: another run is writing to {out}; use another --out") from None
+            lock.unlink(missing_ok=True)  # stale: its run was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+
+
 def _ints(s: str) -> list[int]:
     return [int(v) for v in s.replace(" ", "").split(",") if v]
 
@@ -427,6 +453,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(args.out)
+    try:
+        return _run(args, dtype)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _run(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, Any]]:
     csv_path, md_path = args.out / CSV_NAME, args.out / MD_NAME
     if args.fresh:
         csv_path.unlink(missing_ok=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +106,16 @@ def test_greedy_rows_report_speedup_and_agreement(tmp_path):
     assert sorted(r["method"] for r in rows) == sorted(names)
     for r in rows:
         assert float(r["ref_median_ms"]) > 0 and float(r["speedup"]) > 0 and float(r["agree"]) == 1.0
+
+
+def test_lock_keeps_two_runs_apart_and_a_killed_runs_lock_is_taken_over(tmp_path):
+    out = tmp_path / "res"
+    out.mkdir()
+    (out / "bench.lock").write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(SystemExit, match="another run"):
+        bench.main([*ARGS, "--out", str(out)])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "bench.lock").write_text(str(dead.pid))  # the holder was killed
+    assert len(bench.main([*ARGS, "--out", str(out)])) == 2
+    assert not (out / "bench.lock").exists()
