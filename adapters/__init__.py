@@ -4,6 +4,7 @@
 """
 
 from . import llava as llava  # noqa: F401  (registers the family)
+from . import llava_next as llava_next  # noqa: F401  (registers the family)
 from .base import adapter_of as adapter_of
 from .base import compress as compress
 from .base import compressed as compressed

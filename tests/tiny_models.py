@@ -61,3 +61,76 @@ def llava_batch(model, prompts_text: list[list[int]], seed: int = 0, images_per_
     size = model.config.vision_config.image_size
     pixels = torch.randn(len(rows) * images_per_prompt, 3, size, size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+# ---------------------------------------------------------------------- LLaVA-NeXT (AnyRes)
+NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # (height, width): 1×2, 2×1 or 2×2 crops of 16 px
+
+
+def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
+    """A LlavaNextForConditionalGeneration: 3-layer CLIP on 16 px views (patch 4: 4×4 tokens per view), AnyRes
+    with 2–4 crops (`NEXT_PINPOINTS`), and a 3-layer Llama."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=4,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    cfg._attn_implementation = attn
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+def llava_next_batch(model, image_sizes: list[tuple[int, int]], prompts_text: list[list[int]], seed: int = 0):
+    """Left-padded inputs, one image (of original size `image_sizes[i]`, (height, width)) before each prompt's text.
+
+    The placeholder count of each image comes from the stock `pack_image_features` (thumbnail + unpadded rows with
+    their newlines); `pixel_values` are random views `[n_images, max_views, 3, 16, 16]`, zero-padded as the
+    processor pads them.
+    """
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    vc = model.config.vision_config
+    hw = (vc.image_size // vc.patch_size) ** 2
+    views = [image_size_to_num_patches(s, model.config.image_grid_pinpoints, vc.image_size) for s in image_sizes]
+    sizes = torch.tensor(image_sizes, dtype=torch.long)
+    dummy = [torch.zeros(v, hw, 1) for v in views]
+    _, lens = model.model.pack_image_features(dummy, sizes, "default", image_newline=torch.zeros(1))
+    rows = [[1] + [IMAGE_TOKEN] * int(n) + [5] + t for n, t in zip(lens, prompts_text, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.zeros(len(rows), max(views), 3, vc.image_size, vc.image_size)
+    for i, v in enumerate(views):
+        pixels[i, :v] = torch.randn(v, 3, vc.image_size, vc.image_size, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
