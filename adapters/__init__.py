@@ -5,6 +5,7 @@
 
 from . import llava as llava  # noqa: F401  (registers the family)
 from . import llava_next as llava_next  # noqa: F401  (registers the family)
+from . import qwen2_vl as qwen2_vl  # noqa: F401
 from .base import adapter_of as adapter_of
 from .base import compress as compress
 from .base import compressed as compressed

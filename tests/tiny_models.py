@@ -63,6 +63,111 @@ def llava_batch(model, prompts_text: list[list[int]], seed: int = 0, images_per_
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
 
+# ---------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_VISION_START, QWEN_VISION_END, QWEN_VIDEO_TOKEN = 4, 5, 6
+
+
+def _qwen_text_config() -> dict:
+    return {
+        "vocab_size": 99,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        "pad_token_id": PAD,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+
+
+def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
+    """A Qwen2VLForConditionalGeneration: 3-block ViT (patch 4, 2×2 merger) and a 2-layer Qwen2 with M-RoPE."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {
+        "depth": 3,
+        "embed_dim": 32,
+        "hidden_size": 32,
+        "num_heads": 4,
+        "mlp_ratio": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    cfg = Qwen2VLConfig(
+        text_config=_qwen_text_config(),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO_TOKEN,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+    )
+    cfg._attn_implementation = attn
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn: str = "sdpa"):
+    """A Qwen2_5_VLForConditionalGeneration: 3-block ViT with window attention (windows of 2×2 merged tokens,
+    block 1 full attention), 2×2 merger, and a 2-layer Qwen2 with M-RoPE."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = {
+        "depth": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 32,
+        "num_heads": 4,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 16,
+        "fullatt_block_indexes": [1],
+    }
+    cfg = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(),
+        vision_config=vision,
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO_TOKEN,
+        vision_start_token_id=QWEN_VISION_START,
+        vision_end_token_id=QWEN_VISION_END,
+    )
+    cfg._attn_implementation = attn
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+def qwen_batch(model, grids: list[tuple[int, int, int]], prompts_text: list[list[int]], seed: int = 0):
+    """Left-padded inputs with one image per prompt: `<bos> <vision_start> <image>*N <vision_end> text`.
+
+    `grids` are the patch grids (t, h, w) of the images (h, w even; N = t*h*w/4 after the 2×2 merge); the
+    pixel values are random flattened patches as the Qwen processor lays them out.
+    """
+    rows = []
+    for (t, h, w), text in zip(grids, prompts_text, strict=True):
+        rows.append([1, QWEN_VISION_START] + [IMAGE_TOKEN] * (t * h * w // 4) + [QWEN_VISION_END] + text)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    vc = model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    patches = sum(t * h * w for t, h, w in grids)
+    pixels = torch.randn(patches, 3 * vc.temporal_patch_size * vc.patch_size**2, generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "image_grid_thw": torch.tensor(grids, dtype=torch.long),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+    }
+
+
 # ---------------------------------------------------------------------- LLaVA-NeXT (AnyRes)
 NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # (height, width): 1×2, 2×1 or 2×2 crops of 16 px
 

@@ -1,0 +1,311 @@
+"""Qwen2-VL / Qwen2.5-VL adapter on tiny models built from config: identity, exact pre-LLM logits at the original
+(t, h, w) positions, cache, batching, restore, decode positions, and the mean-query attention substitute."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from tiny_models import IMAGE_TOKEN, qwen_batch, tiny_qwen2_5_vl, tiny_qwen2_vl
+from vtc.adapters import adapter_of
+
+import vtc
+from vtc.reducers import get_reducer_class
+
+BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+GRIDS = [(1, 8, 12), (1, 6, 8), (1, 10, 6)]  # patch grids; merged grids (4, 6), (3, 4), (5, 3)
+PROMPTS = [[10, 11, 12, 13], [14, 15], [16, 17, 18]]
+PRE_LLM = [
+    n
+    for n in vtc.list_reducers()
+    if get_reducer_class(n).stage == "pre_llm" and "views" not in get_reducer_class(n).requires
+]
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def model(request):
+    return BUILDERS[request.param]()
+
+
+def _gen(m, batch, **kw):
+    with torch.no_grad():
+        return m.generate(**batch, max_new_tokens=4, do_sample=False, **kw)
+
+
+def _vt(m, batch, i):
+    """VisualTokens of image i as a reducer sees them without the adapter (tokens and merged grid only)."""
+    with torch.no_grad():
+        out = m.model.get_image_features(pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    _, h, w = batch["image_grid_thw"][i].tolist()
+    return vtc.VisualTokens(out.pooler_output[i][None], grid=(h // 2, w // 2))
+
+
+def _mrope_positions(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """`[3, L]` M-RoPE ids of one unpadded sequence with one image: text counts up by one on all three rows; the
+    image's merged (t, h, w) grid sits at offset `start` on every row, and text resumes at start + max(h, w)."""
+    t, h, w = grid[0], grid[1] // 2, grid[2] // 2
+    rows, pos, i = [], 0, 0
+    while i < ids.numel():
+        if int(ids[i]) == IMAGE_TOKEN:
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+            rows.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos)
+            i += t * h * w
+            pos += max(h, w)
+        else:
+            rows.append(torch.full((3, 1), pos))
+            i += 1
+            pos += 1
+    return torch.cat(rows, dim=1)
+
+
+def _reference_logits(m, batch, b, keep_cols, tokens):
+    """The unpatched language model fed sample b's kept embeddings at their original (t, h, w) ids (no padding)."""
+    mask = batch["attention_mask"][b].bool()
+    ids = batch["input_ids"][b][mask]
+    pos = _mrope_positions(ids, tuple(batch["image_grid_thw"][b].tolist()))
+    emb = m.get_input_embeddings()(ids).clone()
+    img_cols = (ids == IMAGE_TOKEN).nonzero().squeeze(-1)
+    emb[img_cols[keep_cols]] = tokens
+    keep = ids != IMAGE_TOKEN
+    keep[img_cols[keep_cols]] = True
+    out = m.model.language_model(inputs_embeds=emb[keep][None], position_ids=pos[:, keep][:, None])
+    return m.lm_head(out.last_hidden_state)[0]
+
+
+@pytest.fixture(scope="module")
+def unpatched_tokens(model):
+    batch = qwen_batch(model, GRIDS[:2], PROMPTS[:2])
+    return batch, _gen(model, batch)
+
+
+@pytest.mark.parametrize("name", PRE_LLM)
+def test_full_budget_generates_the_same_tokens(model, unpatched_tokens, name):
+    batch, ref = unpatched_tokens
+    with vtc.compressed(model, name, budget=1.0):
+        out = _gen(model, batch)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("name", PRE_LLM)
+def test_every_pre_llm_reducer_runs_on_qwen_inputs(model, name):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with torch.no_grad(), vtc.compressed(model, name, budget=0.5):
+        logits = model(**batch).logits
+        last = adapter_of(model).last
+    assert torch.isfinite(logits).all() and last["num_visual_in"] == 24 + 12 + 15
+    assert all(0 < k <= n for k, n in zip(last["kept"], [24, 12, 15], strict=True))
+
+
+@pytest.mark.parametrize("name", ["downsample", "random", "fastervlm"])
+def test_pre_llm_logits_equal_the_language_model_on_kept_tokens(model, name):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    reducer = vtc.create_reducer(name, **({"seed": 7} if name == "random" else {}))
+    with torch.no_grad():
+        with vtc.compressed(model, reducer, budget=5):
+            logits = model(**batch).logits  # [B, L', V] over the reduced, re-left-padded sequences
+            sels = adapter_of(model).last["selections"]
+        for b in range(len(PROMPTS)):
+            if name == "fastervlm":  # needs the adapter's attention substitute; its values are tested below
+                sel = sels[b]
+            else:
+                sel = reducer(_vt(model, batch, b), budget=5)
+            assert sel.indices.shape == (1, 5)
+            ref = _reference_logits(model, batch, b, sel.indices[0], sel.tokens[0])
+            torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_tokens_sit_at_their_first_source(model):
+    if "matryoshka" not in vtc.list_reducers():
+        pytest.skip("matryoshka not registered")
+    batch = qwen_batch(model, GRIDS[:1], PROMPTS[:1])
+    with torch.no_grad():
+        sel = vtc.create_reducer("matryoshka")(_vt(model, batch, 0), budget=6)  # 4x6 → 2x3 bins of 2x2
+        with vtc.compressed(model, "matryoshka", budget=6):
+            logits = model(**batch).logits
+    first = torch.tensor([r * 12 + c * 2 for r in range(2) for c in range(3)])  # top-left cell of every bin
+    ref = _reference_logits(model, batch, 0, first, sel.tokens[0])
+    torch.testing.assert_close(logits[0], ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("positions", ["original", "renumber"])
+def test_cache_decoding_equals_no_cache(model, positions):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with vtc.compressed(model, "fastervlm", budget=5, positions=positions):
+        a = _gen(model, batch, use_cache=True)
+        b = _gen(model, batch, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_batch_equals_single_runs_and_counts(model):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with vtc.compressed(model, "visionzip" if "visionzip" in vtc.list_reducers() else "fastervlm", budget=6):
+        full = _gen(model, batch)
+        assert adapter_of(model).last["kept"] == [6, 6, 6]
+        for b in range(len(PROMPTS)):
+            one = qwen_batch(model, [GRIDS[b]], [PROMPTS[b]])
+            start = sum(t * h * w for t, h, w in GRIDS[:b])
+            one["pixel_values"] = batch["pixel_values"][start : start + one["pixel_values"].shape[0]]
+            out = _gen(model, one)
+            assert torch.equal(full[b, -out.shape[1] :], out[0])
+
+
+def test_restore_and_other_instances_untouched(model):
+    other = type(model)(model.config).eval()
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with torch.no_grad():
+        ref_logits = model(**batch).logits
+        ref_other = other(**batch).logits
+        deltas = model.model.rope_deltas
+        vtc.compress(model, "random", budget=4)
+        _gen(model, batch)
+        assert "forward" not in other.__dict__
+        assert torch.equal(other(**batch).logits, ref_other)
+        assert model(**batch).logits.shape[1] < ref_logits.shape[1]
+        vtc.restore(model)
+        assert "forward" not in model.__dict__
+        assert model.model.rope_deltas is deltas
+        assert torch.equal(model(**batch).logits, ref_logits)
+
+
+def _record_positions(m):
+    """Forward pre-hook on the language model: the `[3, B, L]` M-RoPE ids and attention mask of every call."""
+    calls = []
+
+    def hook(mod, args, kwargs):
+        p = kwargs["position_ids"]
+        calls.append((p[-3:].clone(), kwargs["attention_mask"].clone()))
+
+    return calls, m.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_kept_tokens_keep_their_ids_and_decoding_continues_from_the_unreduced_length(model):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    calls, handle = _record_positions(model)
+    try:
+        _gen(model, batch)
+        ref_calls = list(calls)
+        calls.clear()
+        with vtc.compressed(model, "random", budget=5, seed=3):
+            _gen(model, batch)
+            a = adapter_of(model)
+            src = a.last["source_columns"]  # [B, L'] unreduced column of each reduced one, -1 padding
+            kept = a.last["kept"]
+            deltas = model.model.rope_deltas.clone()
+    finally:
+        handle.remove()
+    full_pos, _ = ref_calls[0]
+    pos, mask = calls[0]
+    assert pos.shape[-1] == src.shape[1] < full_pos.shape[-1]
+    for b in range(len(PROMPTS)):
+        valid = (src[b] >= 0) & batch["attention_mask"][b][src[b].clamp(min=0)].bool()
+        assert torch.equal(mask[b].bool(), valid)
+        assert torch.equal(pos[:, b, valid], full_pos[:, b, src[b][valid]])  # original (t, h, w) ids
+        n_img = (batch["input_ids"][b][src[b][valid]] == IMAGE_TOKEN).sum()
+        assert int(n_img) == kept[b] == 5
+    assert len(calls) == len(ref_calls) == 4
+    for (p, m), (rp, rm) in zip(calls[1:], ref_calls[1:], strict=True):  # decode steps: the unreduced positions
+        assert p.shape == rp.shape == (3, 3, 1)
+        assert torch.equal(p, rp)
+        assert m.shape[1] == rm.shape[1] - (full_pos.shape[-1] - pos.shape[-1])
+    # rope_deltas: the model's own fallback (mask cumsum + delta) gives the same first decode position.
+    n_real = mask.long().sum(-1, keepdim=True)
+    assert torch.equal(n_real + deltas, ref_calls[1][0][0, :, :1])
+
+
+def test_renumbered_positions_are_contiguous(model):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    calls, handle = _record_positions(model)
+    try:
+        with vtc.compressed(model, "downsample", budget=4, positions="renumber"):
+            _gen(model, batch)
+    finally:
+        handle.remove()
+    pos, mask = calls[0]
+    expect = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask
+    assert torch.equal(pos, expect.expand(3, -1, -1))
+    for step, (p, _) in enumerate(calls[1:]):
+        assert torch.equal(p[:, :, 0], (mask.sum(-1) + step).expand(3, -1))
+
+
+def test_mean_query_attention_matches_eager_attention(model, monkeypatch):
+    """The substitute for CLS attention equals the eager attention probabilities of the chosen block, averaged over
+    the queries of each segment and summed over each 2x2 merge group, in the merger's output order."""
+    from vtc.adapters.base import AdapterConfig
+    from vtc.adapters.qwen2_vl import Qwen2VLAdapter
+
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    visual = model.model.visual
+    adapter = Qwen2VLAdapter(model, vtc.create_reducer("fastervlm"), 8, AdapterConfig())
+    block = adapter.vision_block()
+    assert block == (1 if hasattr(visual, "fullatt_block_indexes") else 2)
+    with torch.no_grad():
+        vts = adapter.encode(batch["pixel_values"], {"image_grid_thw": batch["image_grid_thw"]})
+        module = sys.modules[type(visual.blocks[0].attn).__module__]
+        eager, seen = module.eager_attention_forward, []
+
+        def recording(mod, *args, **kwargs):
+            out, weights = eager(mod, *args, **kwargs)
+            if mod is visual.blocks[block].attn:
+                seen.append(weights[0])  # [H, n, n] of one segment
+            return out, weights
+
+        monkeypatch.setattr(module, "eager_attention_forward", recording)
+        monkeypatch.setattr(visual.config, "_attn_implementation", "eager")
+        tokens = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    assert len(seen) == len(GRIDS)  # a full-attention block: one segment per image
+    for i, (_, h, w) in enumerate(GRIDS):
+        probs = seen[i].mean(1)  # [H, n] over the tower's patch order of image i
+        n = probs.shape[-1]
+        groups = probs.view(probs.shape[0], n // 4, 4).sum(-1)  # [H, G] in the tower's group order
+        if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: windows of 2x2 merged tokens, row-major
+            gh, gw = h // 2, w // 2
+            order = torch.tensor(
+                [
+                    r * gw + c
+                    for wr in range(0, gh, 2)
+                    for wc in range(0, gw, 2)
+                    for r in range(wr, min(wr + 2, gh))
+                    for c in range(wc, min(wc + 2, gw))
+                ]
+            )
+            groups = groups[:, order.argsort()]
+        vt = vts[i]
+        assert vt.grid == (h // 2, w // 2) and vt.frames is None
+        torch.testing.assert_close(vt.cls_attn[0].softmax(-1), groups, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(vt.tokens[0], tokens[i], atol=1e-5, rtol=1e-4)  # eager vs SDPA run
+        # features are the merger's input in the output order: the merger reproduces the tokens from them
+        c = vt.features.shape[-1] // 4
+        merged = visual.merger(vt.features[0].reshape(-1, c))
+        torch.testing.assert_close(merged, tokens[i], atol=1e-5, rtol=1e-4)
+        assert vt.keys.shape == (1, (h // 2) * (w // 2), c)
+
+
+def test_windowed_block_uses_its_windows():
+    """On Qwen2.5-VL a windowed block's substitute is normalised per window (each window's mass is 1)."""
+    model = tiny_qwen2_5_vl()
+    batch = qwen_batch(model, GRIDS[:1], PROMPTS[:1])
+    from vtc.adapters.base import AdapterConfig
+    from vtc.adapters.qwen2_vl import Qwen2VLAdapter
+
+    adapter = Qwen2VLAdapter(model, vtc.create_reducer("fastervlm"), 8, AdapterConfig(vision_layer=1))  # block 0
+    assert adapter.vision_block() == 0
+    with torch.no_grad():
+        vt = adapter.encode(batch["pixel_values"], {"image_grid_thw": batch["image_grid_thw"]})[0]
+    probs = vt.cls_attn[0].exp().view(-1, 2, 2, 3, 2).sum((2, 4))  # [H, 2, 3] windows of 2x2 merged tokens
+    torch.testing.assert_close(probs, torch.ones_like(probs), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_scores_equal_unchunked(monkeypatch):
+    from vtc.adapters import qwen2_vl
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 20, 3, 8, generator=g).unbind(0)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    full = qwen2_vl.mean_query_attention(q, k, cu, 0.3)
+    monkeypatch.setattr(qwen2_vl, "_MAX_SCORE_ELEMENTS", 7)
+    torch.testing.assert_close(qwen2_vl.mean_query_attention(q, k, cu, 0.3), full)
+    ref = torch.cat(
+        [(q[s:e].transpose(0, 1) @ k[s:e].permute(1, 2, 0) * 0.3).softmax(-1).mean(1) for s, e in [(0, 7), (7, 20)]], 1
+    )
+    torch.testing.assert_close(full, ref)
