@@ -15,3 +15,4 @@ __version__ = "0.1.0"
 from .adapters import compress as compress  # noqa: E402  (after the reducers it patches in)
 from .adapters import compressed as compressed  # noqa: E402
 from .adapters import restore as restore  # noqa: E402
+from .adapters.encoders import encode_and_reduce as encode_and_reduce  # noqa: E402
