@@ -146,8 +146,8 @@ def test_batch_equals_single_runs_and_counts(model):
             one = qwen_batch(model, [GRIDS[b]], [PROMPTS[b]])
             start = sum(t * h * w for t, h, w in GRIDS[:b])
             one["pixel_values"] = batch["pixel_values"][start : start + one["pixel_values"].shape[0]]
-            out = _gen(model, one)
-            assert torch.equal(full[b, -out.shape[1] :], out[0])
+            new = _gen(model, one)[0, one["input_ids"].shape[1] :]  # may stop early at EOS
+            assert torch.equal(full[b, batch["input_ids"].shape[1] :][: new.numel()], new)
 
 
 def test_restore_and_other_instances_untouched(model):
@@ -309,3 +309,83 @@ def test_chunked_scores_equal_unchunked(monkeypatch):
         [(q[s:e].transpose(0, 1) @ k[s:e].permute(1, 2, 0) * 0.3).softmax(-1).mean(1) for s, e in [(0, 7), (7, 20)]], 1
     )
     torch.testing.assert_close(full, ref)
+
+
+# ---------------------------------------------------------------------- in-LLM reducers through the Qwen adapter
+IN_LLM = [n for n in ("fastv", "pdrop", "dart") if n in vtc.list_reducers()]
+
+
+def _masked_reference(m, batch, stages, ids):
+    """Logits of the unpatched model over the full sequence `ids` (prompt + generated), where from each stage's
+    layer on the pruned visual columns are masked out of attention (every token is still computed)."""
+    prompt = batch["attention_mask"]
+    b, seq = ids.shape
+    mask = torch.cat([prompt, torch.ones(b, seq - prompt.shape[1], dtype=torch.long)], 1).bool()
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :]
+    handles = []
+    for li, layer in enumerate(m.model.language_model.layers):
+        alive = mask.clone()
+        for s, cols in stages:
+            if li >= s:  # the stage's survivors (prompt columns) plus every generated token
+                alive = torch.zeros(b, seq, dtype=torch.bool).scatter_(1, cols, True)
+                alive[:, prompt.shape[1] :] = True
+                alive &= mask
+        m4 = (causal & alive[:, None, None, :]) | torch.eye(seq, dtype=torch.bool)[None, None]
+
+        def pre(mod, args, kwargs, m4=m4):
+            kwargs["attention_mask"] = m4
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros(b, seq - prompt.shape[1], dtype=torch.int)], 1)
+    try:
+        with torch.no_grad():
+            out = m(
+                input_ids=ids,
+                attention_mask=mask.long(),
+                pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"],
+                mm_token_type_ids=mm,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return out.logits
+
+
+def _stages(m):
+    p = adapter_of(m).in_llm
+    return [(s, p.stage_src[s].masked_fill(~p.stage_valid[s], 0)) for s, _ in p.plan]
+
+
+@pytest.mark.parametrize("name", IN_LLM)
+def test_in_llm_prefill_logits_equal_masked_reference(model, name):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with torch.no_grad(), vtc.compressed(model, name, budget=6, **({"layer": 1} if name != "pdrop" else {})):
+        logits = model(**batch).logits
+        stages = _stages(model)
+        p = adapter_of(model).in_llm
+        last_src, last_valid = p.stage_src[p.plan[-1][0]], p.stage_valid[p.plan[-1][0]]
+    ref = _masked_reference(model, batch, stages, batch["input_ids"])
+    for b in range(len(PROMPTS)):
+        rows = last_src[b][last_valid[b]]
+        real = batch["attention_mask"][b, rows].bool()
+        torch.testing.assert_close(logits[b, -rows.numel() :][real], ref[b, rows][real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", IN_LLM)
+def test_in_llm_cached_decoding_equals_masked_recompute(model, name):
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    with vtc.compressed(model, name, budget=6):
+        out = _gen(model, batch)
+        stages = _stages(model)
+    ids = batch["input_ids"]
+    for _ in range(4):  # greedy decoding by full recomputation, pruned columns masked from their stage on
+        nxt = _masked_reference(model, batch, stages, ids)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    assert out.shape == ids.shape
+    for row, ref in zip(out, ids, strict=True):  # generate() pads a row after its EOS (token 2)
+        start = batch["input_ids"].shape[1]
+        eos = (ref[start:] == 2).nonzero()
+        stop = start + (int(eos[0]) + 1 if eos.numel() else ref.numel() - start)
+        assert torch.equal(row[:stop], ref[:stop])

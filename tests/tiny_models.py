@@ -72,7 +72,7 @@ def _qwen_text_config() -> dict:
         "vocab_size": 99,
         "hidden_size": 32,
         "intermediate_size": 64,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
@@ -84,7 +84,7 @@ def _qwen_text_config() -> dict:
 
 
 def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
-    """A Qwen2VLForConditionalGeneration: 3-block ViT (patch 4, 2×2 merger) and a 2-layer Qwen2 with M-RoPE."""
+    """A Qwen2VLForConditionalGeneration: 3-block ViT (patch 4, 2×2 merger) and a 3-layer Qwen2 with M-RoPE."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -112,7 +112,7 @@ def tiny_qwen2_vl(seed: int = 0, attn: str = "sdpa"):
 
 def tiny_qwen2_5_vl(seed: int = 0, attn: str = "sdpa"):
     """A Qwen2_5_VLForConditionalGeneration: 3-block ViT with window attention (windows of 2×2 merged tokens,
-    block 1 full attention), 2×2 merger, and a 2-layer Qwen2 with M-RoPE."""
+    block 1 full attention), 2×2 merger, and a 3-layer Qwen2 with M-RoPE."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
