@@ -67,12 +67,8 @@ class Matryoshka(Reducer):
         self, tokens: Tensor | VisualTokens, budget: int | float, query: Tensor | Query | None = None
     ) -> Selection:
         sel = super().forward(tokens, budget, query)
-        if sel.weights is None:  # the base class's full-budget identity: every input is its own bin of size 1
-            b, n = sel.mask.shape
-            sel.weights = torch.ones(b, n, device=sel.tokens.device)
-            sel.assignment = sel.indices.clone()
-            h, w = self.grid_of(tokens if isinstance(tokens, VisualTokens) else VisualTokens(sel.tokens))
-            sel.info["grid"] = (h, w)
+        if "grid" not in sel.info:  # the base class's full-budget identity: every input is its own 1x1 bin
+            sel.info["grid"] = self.grid_of(tokens if isinstance(tokens, VisualTokens) else VisualTokens(sel.tokens))
         return sel
 
     def _pool(self, vt: VisualTokens, k: int) -> Selection:
