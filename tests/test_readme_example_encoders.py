@@ -72,3 +72,14 @@ def test_readme_example(monkeypatch):
     assert out["n_full"] == 64 and out["n_small"] == 16
     for ids in (out["ids_full"], out["ids_small"]):
         assert ids.dim() == 2 and ids.shape[0] == 1 and 1 <= ids.shape[1] <= 8
+
+
+def test_readme_shows_this_example():
+    import pathlib
+    import textwrap
+
+    src = pathlib.Path(__file__).read_text()
+    a = src.index("# ---- README snippet starts ----\n") + len("# ---- README snippet starts ----\n")
+    b = src.rindex("\n", 0, src.index("# ---- README snippet ends ----"))
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    assert textwrap.dedent(src[a:b]).strip() in readme
