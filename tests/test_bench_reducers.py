@@ -46,7 +46,7 @@ def test_quick_run_writes_rows_and_resumes(tmp_path, monkeypatch, capsys):
             "8.00",
         )
         assert float(r["median_ms"]) > 0 and 1 <= int(r["repeats"]) <= 3
-        assert r["speedup"] == "" and r["ref_median_ms"] == ""  # no slow reference for these
+        assert r["speedup"] == r["ref_median_ms"] == r["core_ms"] == ""  # no slow reference for these
     md = (out / "bench.md").read_text()
     assert "| random | 8x8 | 64 | 16 | cpu | float32 | 1 | 8 | 8.0 |" in md
     assert "| downsample | 8x8 | 64 | 16 | cpu | float32 | 1 | 8 | 8.0 |" in md
@@ -105,7 +105,8 @@ def test_greedy_rows_report_speedup_and_agreement(tmp_path):
     )
     assert sorted(r["method"] for r in rows) == sorted(names)
     for r in rows:
-        assert float(r["ref_median_ms"]) > 0 and float(r["speedup"]) > 0 and float(r["agree"]) == 1.0
+        assert float(r["ref_median_ms"]) > 0 and float(r["core_ms"]) > 0 and float(r["agree"]) == 1.0
+        assert float(r["speedup"]) == pytest.approx(float(r["ref_median_ms"]) / float(r["core_ms"]), rel=1e-3)
 
 
 def test_lock_keeps_two_runs_apart_and_a_killed_runs_lock_is_taken_over(tmp_path):
