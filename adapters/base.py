@@ -88,6 +88,7 @@ class VLMAdapter:
     """Base of the per-family adapters. See the module docstring for the flow."""
 
     image_token_attr = "image_token_id"
+    pixel_keys: tuple[str, ...] = ("pixel_values",)  # inputs that make a call the prefill (families add videos)
 
     def __init__(self, model: nn.Module, reducer: Reducer, budget: int | float, config: AdapterConfig) -> None:
         self.model = model
@@ -149,6 +150,10 @@ class VLMAdapter:
     def set_rope_state(self, positions: Tensor, keep_src: Tensor, new_mask: Tensor) -> None:
         """Hook for M-RoPE families (rope_deltas)."""
 
+    def placeholder_mask(self, input_ids: Tensor) -> Tensor:
+        """`[B, L]` bool: the visual placeholder tokens (image placeholders; families add e.g. video ones)."""
+        return input_ids == self.image_token_id
+
     @property
     def image_token_id(self) -> int:
         return int(getattr(self.model.config, self.image_token_attr))
@@ -188,7 +193,7 @@ class VLMAdapter:
                 "vtc: a compressed model encodes images itself; pass pixel_values, not mm_encoder_outputs"
             )
         kw.pop("mm_encoder_outputs", None)
-        if kw.get("pixel_values") is not None:
+        if any(kw.get(k) is not None for k in self.pixel_keys):
             return self._prefill(kw)
         st = self._decode
         cache = kw.get("past_key_values")
@@ -200,7 +205,7 @@ class VLMAdapter:
         input_ids = kw.pop("input_ids", None)
         if input_ids is None or kw.get("inputs_embeds") is not None:
             raise ValueError("vtc: a compressed model needs input_ids (not inputs_embeds) together with pixel_values")
-        pixel_values = kw.pop("pixel_values")
+        pixel_values = kw.pop("pixel_values", None)
         b, seq = input_ids.shape
         attention_mask = kw.pop("attention_mask", None)
         if attention_mask is None:
@@ -242,7 +247,7 @@ class VLMAdapter:
         new_pos = new_pos * valid if new_pos.dim() == 2 else new_pos * valid.unsqueeze(0)
         self.set_rope_state(positions, src, new_mask)
         if self.in_llm is not None:
-            img = (input_ids == self.image_token_id).gather(1, src) & valid
+            img = self.placeholder_mask(input_ids).gather(1, src) & valid
             self.in_llm.begin_prefill(img, new_mask.bool(), int(img.sum(-1).max()))
         try:
             out = self._orig_forward(
@@ -302,7 +307,7 @@ class VLMAdapter:
     def _queries(self, input_ids: Tensor, attention_mask: Tensor, embeds: Tensor, slots: list[ImageSlot]):
         if not self.reducer.needs_query:
             return None
-        img = input_ids == self.image_token_id
+        img = self.placeholder_mask(input_ids)
         rows = []
         for s in slots:
             text = (~img[s.b]) & attention_mask[s.b].bool()

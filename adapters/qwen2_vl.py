@@ -7,8 +7,9 @@ the tower in window order, un-permuting only the merger outputs. One adapter ser
 
 What reducers receive, one `VisualTokens` group per image (images differ in size, so they are not stacked):
 
-* `tokens` `[1, N_i, D]`: merger outputs, row-major over the merged `(h/2, w/2)` grid (`grid`), frame-major for
-  a video (`frames = t` when t > 1).
+* `tokens` `[1, N_i, D]`: merger outputs, row-major over the merged `(h/2, w/2)` grid (`grid`). Videos
+  (`pixel_values_videos`) are reduced too, one group per video after the images' groups: frame-major tokens with
+  `frames = t` (temporal patches of two frames each), the budget counting the whole video.
 * `features` `[1, N_i, 4*C]`: the merger's input (last vision block output before the merger's norm), the four
   patches of each 2×2 group concatenated in the merger's own order (pinned: concatenation, not the mean, so the
   merger sees exactly these features).
@@ -34,8 +35,6 @@ the model's own fallback (positions from the attention mask plus `rope_deltas`, 
 no `position_ids`) gives the same positions on the shorter cache: `rope_deltas = next position - kept length`.
 The text row of `[4, B, L]` position ids only serves packed-sequence mask detection and FlashAttention's varlen
 path; with gaps in the kept positions it would be misread as packing, so the adapter passes the three M-RoPE rows.
-
-Not covered yet: videos (`pixel_values_videos`) pass through unreduced.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from vtc.types import VisualTokens
 
-from .base import VLMAdapter, _DecodeState, register_adapter
+from .base import ImageSlot, VLMAdapter, _DecodeState, register_adapter
 from .llava import clip_layer_for_hidden_state
 
 _MAX_SCORE_ELEMENTS = 1 << 24  # attention scores materialised at once per segment chunk (64 MiB in float32)
@@ -108,7 +107,14 @@ class _Hooks:
 class Qwen2VLAdapter(VLMAdapter):
     """Qwen2-VL / Qwen2.5-VL adapter (see the module docstring)."""
 
-    extra_image_keys = ("image_grid_thw", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts")
+    pixel_keys = ("pixel_values", "pixel_values_videos")
+    extra_image_keys = (
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+    )
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> None:
@@ -138,10 +144,22 @@ class Qwen2VLAdapter(VLMAdapter):
         index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
         return index.to(grid_thw.device)
 
-    def encode(self, pixel_values: Tensor, extra: dict[str, Any]) -> list[VisualTokens]:
-        grid_thw = extra.get("image_grid_thw")
-        if grid_thw is None:
-            raise ValueError("vtc: Qwen2-VL needs image_grid_thw together with pixel_values")
+    def encode(self, pixel_values: Tensor | None, extra: dict[str, Any]) -> list[VisualTokens]:
+        """One group per image (in `image_grid_thw` order), then one per video (in `video_grid_thw` order)."""
+        groups, self._num_images = [], 0
+        for pixels, key, video in (
+            (pixel_values, "image_grid_thw", False),
+            (extra.get("pixel_values_videos"), "video_grid_thw", True),
+        ):
+            if pixels is None:
+                continue
+            if extra.get(key) is None:
+                raise ValueError(f"vtc: Qwen2-VL needs {key} together with its pixel values")
+            groups += self._encode(pixels, extra[key], video)
+            self._num_images += 0 if video else len(groups)
+        return groups
+
+    def _encode(self, pixels: Tensor, grid_thw: Tensor, video: bool) -> list[VisualTokens]:
         inner = self.model.model
         visual = inner.visual
         attn = visual.blocks[self.vision_block()].attn
@@ -149,8 +167,12 @@ class Qwen2VLAdapter(VLMAdapter):
             cap.input(visual.merger, "features")
             cap.output(attn.qkv, "qkv")
             cap.kwargs(attn, "attn_kwargs")
-            out = inner.get_image_features(pixel_values=pixel_values, image_grid_thw=grid_thw)
-        unit = visual.spatial_merge_size**2
+            if video:
+                out = inner.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid_thw)
+            else:
+                out = inner.get_image_features(pixel_values=pixels, image_grid_thw=grid_thw)
+        side = int(visual.spatial_merge_size)
+        unit = side * side
         feats = cap.values["features"]  # [P, C] in the tower's order
         p, c = feats.shape
         heads = attn.num_heads
@@ -170,10 +192,8 @@ class Qwen2VLAdapter(VLMAdapter):
         logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log()
         groups, start = [], 0
         for i, (t, h, w) in enumerate(grid_thw.tolist()):
-            tokens = out.pooler_output[i]  # [N_i, D]
-            n = tokens.shape[0]
-            sl = slice(start, start + n)
-            side = int(visual.spatial_merge_size)
+            tokens = out.pooler_output[i]  # [N_i, D], frame-major for a video
+            sl = slice(start, start + tokens.shape[0])
             groups.append(
                 VisualTokens(
                     tokens=tokens[None],
@@ -181,11 +201,25 @@ class Qwen2VLAdapter(VLMAdapter):
                     cls_attn=logits[:, sl][None],
                     keys=keys[sl][None],
                     grid=(h // side, w // side),
-                    frames=t if t > 1 else None,
+                    frames=t if video else None,
                 )
             )
-            start += n
+            start += tokens.shape[0]
         return groups
+
+    def placeholder_mask(self, input_ids: Tensor) -> Tensor:
+        return (input_ids == self.image_token_id) | (input_ids == self.video_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    def image_slots(self, input_ids: Tensor, counts: list[int]) -> list[ImageSlot]:
+        """Image runs in order, then video runs in order (the order of `encode`'s groups)."""
+        m = self._num_images
+        # the base class finds runs of `image_token_id`; videos are found by relabelling their placeholders
+        vid_ids = torch.where(input_ids == self.video_token_id, self.image_token_id, -1)
+        return super().image_slots(input_ids, counts[:m]) + super().image_slots(vid_ids, counts[m:])
 
     # ------------------------------------------------------------------ positions
     def full_positions(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None, extra):
@@ -198,7 +232,7 @@ class Qwen2VLAdapter(VLMAdapter):
         mm = extra.get("mm_token_type_ids")
         if mm is None:
             mm = (input_ids == self.image_token_id).int()
-            mm[input_ids == int(self.model.config.video_token_id)] = 2
+            mm[input_ids == self.video_token_id] = 2
         args = {
             "mm_token_type_ids": mm,
             "image_grid_thw": extra.get("image_grid_thw"),

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 import torch
-from tiny_models import IMAGE_TOKEN, qwen_batch, tiny_qwen2_5_vl, tiny_qwen2_vl
+from tiny_models import (
+    IMAGE_TOKEN,
+    QWEN_VIDEO_TOKEN,
+    qwen_batch,
+    qwen_video_batch,
+    tiny_qwen2_5_vl,
+    tiny_qwen2_vl,
+)
 from vtc.adapters import adapter_of
 
 import vtc
@@ -41,34 +48,41 @@ def _vt(m, batch, i):
     return vtc.VisualTokens(out.pooler_output[i][None], grid=(h // 2, w // 2))
 
 
-def _mrope_positions(ids: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """`[3, L]` M-RoPE ids of one unpadded sequence with one image: text counts up by one on all three rows; the
-    image's merged (t, h, w) grid sits at offset `start` on every row, and text resumes at start + max(h, w)."""
-    t, h, w = grid[0], grid[1] // 2, grid[2] // 2
-    rows, pos, i = [], 0, 0
+def _mrope_positions(ids: torch.Tensor, runs: list[tuple[tuple[int, int, int], int]]) -> torch.Tensor:
+    """`[3, L]` M-RoPE ids of one unpadded sequence: text counts up by one on all three rows; visual run r with
+    patch grid (t, h, w) and temporal step s puts its merged (t, h/2, w/2) grid at offset `start` (the temporal
+    row as start + s·t), and text resumes at start + max(h/2, w/2)."""
+    rows, pos, i, r = [], 0, 0, 0
     while i < ids.numel():
-        if int(ids[i]) == IMAGE_TOKEN:
-            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+        if int(ids[i]) in (IMAGE_TOKEN, QWEN_VIDEO_TOKEN):
+            (t, h, w), step = runs[r]
+            h, w = h // 2, w // 2
+            tt, hh, ww = torch.meshgrid(torch.arange(t) * step, torch.arange(h), torch.arange(w), indexing="ij")
             rows.append(torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + pos)
-            i += t * h * w
-            pos += max(h, w)
+            i, r, pos = i + t * h * w, r + 1, pos + max(h, w)
         else:
             rows.append(torch.full((3, 1), pos))
-            i += 1
-            pos += 1
+            i, pos = i + 1, pos + 1
     return torch.cat(rows, dim=1)
 
 
-def _reference_logits(m, batch, b, keep_cols, tokens):
-    """The unpatched language model fed sample b's kept embeddings at their original (t, h, w) ids (no padding)."""
+def _reference_logits(m, batch, b, kept, runs=None):
+    """The unpatched language model fed sample b's kept embeddings at their original (t, h, w) ids (no padding).
+
+    `kept`: per visual run of the sample (in sequence order), the kept columns within the run and their tokens;
+    `runs`: per run its patch grid and temporal step (default: the sample's one image)."""
     mask = batch["attention_mask"][b].bool()
     ids = batch["input_ids"][b][mask]
-    pos = _mrope_positions(ids, tuple(batch["image_grid_thw"][b].tolist()))
+    runs = runs or [(tuple(batch["image_grid_thw"][b].tolist()), 1)]
+    pos = _mrope_positions(ids, runs)
     emb = m.get_input_embeddings()(ids).clone()
-    img_cols = (ids == IMAGE_TOKEN).nonzero().squeeze(-1)
-    emb[img_cols[keep_cols]] = tokens
-    keep = ids != IMAGE_TOKEN
-    keep[img_cols[keep_cols]] = True
+    visual = (ids == IMAGE_TOKEN) | (ids == QWEN_VIDEO_TOKEN)
+    keep = ~visual
+    starts = (visual & ~torch.cat([visual.new_zeros(1), visual[:-1]])).nonzero().squeeze(-1)  # runs are separated
+    for start, ((t, h, w), _), (cols, tokens) in zip(starts.tolist(), runs, kept, strict=True):
+        run = torch.arange(start, start + t * h * w // 4)
+        emb[run[cols]] = tokens
+        keep[run[cols]] = True
     out = m.model.language_model(inputs_embeds=emb[keep][None], position_ids=pos[:, keep][:, None])
     return m.lm_head(out.last_hidden_state)[0]
 
@@ -111,7 +125,7 @@ def test_pre_llm_logits_equal_the_language_model_on_kept_tokens(model, name):
             else:
                 sel = reducer(_vt(model, batch, b), budget=5)
             assert sel.indices.shape == (1, 5)
-            ref = _reference_logits(model, batch, b, sel.indices[0], sel.tokens[0])
+            ref = _reference_logits(model, batch, b, [(sel.indices[0], sel.tokens[0])])
             torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
 
 
@@ -124,7 +138,7 @@ def test_merged_tokens_sit_at_their_first_source(model):
         with vtc.compressed(model, "matryoshka", budget=6):
             logits = model(**batch).logits
     first = torch.tensor([r * 12 + c * 2 for r in range(2) for c in range(3)])  # top-left cell of every bin
-    ref = _reference_logits(model, batch, 0, first, sel.tokens[0])
+    ref = _reference_logits(model, batch, 0, [(first, sel.tokens[0])])
     torch.testing.assert_close(logits[0], ref, atol=1e-5, rtol=1e-4)
 
 
@@ -389,3 +403,70 @@ def test_in_llm_cached_decoding_equals_masked_recompute(model, name):
         eos = (ref[start:] == 2).nonzero()
         stop = start + (int(eos[0]) + 1 if eos.numel() else ref.numel() - start)
         assert torch.equal(row[:stop], ref[:stop])
+
+
+# ---------------------------------------------------------------------- videos
+VIDEOS = [(2, 8, 8), (3, 4, 6)]  # (t, h, w) patch grids: 2 frames of 4x4 and 3 frames of 2x3 merged tokens
+VIDEO_IMAGES = [None, (1, 6, 8)]  # sample 1 also has an image after its video
+
+
+def _video_batch(m):
+    return qwen_video_batch(m, VIDEOS, VIDEO_IMAGES, PROMPTS[:2])
+
+
+def test_video_full_budget_generates_the_same_tokens(model):
+    batch = _video_batch(model)
+    ref = _gen(model, batch)
+    with vtc.compressed(model, "fastervlm", budget=1.0):
+        assert torch.equal(_gen(model, batch), ref)
+
+
+def test_video_groups_and_logits_at_original_positions(model):
+    """Videos are reduced as one group each (frames = t); the logits equal the language model on the kept tokens
+    at their original (t, h, w) ids, with Qwen2.5-VL's temporal step (tokens_per_second per temporal patch)."""
+    batch = _video_batch(model)
+    reducer = vtc.create_reducer("downsample")
+    with torch.no_grad():
+        with vtc.compressed(model, reducer, budget=6):
+            logits = model(**batch).logits
+            a = adapter_of(model)
+            assert a.last["kept"] == [6, 6, 6] and a.last["num_visual_in"] == 32 + 18 + 12
+        video = model.model.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output
+        image = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+    step = getattr(model.config.vision_config, "tokens_per_second", 1)  # Qwen2-VL: one id per temporal patch
+    for b, ((t, h, w), ig) in enumerate(zip(VIDEOS, VIDEO_IMAGES, strict=True)):
+        vt = vtc.VisualTokens(video[b][None], grid=(h // 2, w // 2), frames=t)
+        sel = reducer(vt, budget=6)
+        kept, runs = [(sel.indices[0], sel.tokens[0])], [((t, h, w), step)]
+        if ig is not None:
+            sel_i = reducer(vtc.VisualTokens(image[0][None], grid=(ig[1] // 2, ig[2] // 2)), budget=6)
+            kept.append((sel_i.indices[0], sel_i.tokens[0]))
+            runs.append((ig, 1))
+        ref = _reference_logits(model, batch, b, kept, runs)
+        torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_video_attention_substitute_is_per_frame(model):
+    from vtc.adapters.base import AdapterConfig
+    from vtc.adapters.qwen2_vl import Qwen2VLAdapter
+
+    batch = _video_batch(model)
+    adapter = Qwen2VLAdapter(model, vtc.create_reducer("fastervlm"), 8, AdapterConfig())
+    extra = {k: batch[k] for k in ("pixel_values_videos", "video_grid_thw", "image_grid_thw")}
+    with torch.no_grad():
+        vts = adapter.encode(batch["pixel_values"], extra)
+    assert [(v.frames, v.grid, v.tokens.shape[1]) for v in vts] == [
+        (None, (3, 4), 12),
+        (2, (4, 4), 32),
+        (3, (2, 3), 18),
+    ]
+    for vt in vts[1:]:  # full attention within each frame: each frame's mass is 1
+        mass = vt.cls_attn[0].exp().view(vt.cls_attn.shape[1], vt.frames, -1).sum(-1)
+        torch.testing.assert_close(mass, torch.ones_like(mass), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["original", "renumber"])
+def test_video_cache_decoding_equals_no_cache(model, positions):
+    batch = _video_batch(model)
+    with vtc.compressed(model, "fastervlm", budget=5, positions=positions):
+        assert torch.equal(_gen(model, batch, use_cache=True), _gen(model, batch, use_cache=False))

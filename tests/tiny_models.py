@@ -239,3 +239,35 @@ def llava_next_batch(model, image_sizes: list[tuple[int, int]], prompts_text: li
     for i, v in enumerate(views):
         pixels[i, :v] = torch.randn(v, 3, vc.image_size, vc.image_size, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
+
+
+def qwen_video_batch(model, video_grids, image_grids, prompts_text: list[list[int]], seed: int = 0):
+    """Left-padded inputs with one video per prompt, then optionally one image (`image_grids[b]` None: none):
+    `<bos> <vision_start> <video>*N <vision_end> [<vision_start> <image>*M <vision_end>] text`."""
+    rows = []
+    for vg, ig, text in zip(video_grids, image_grids, prompts_text, strict=True):
+        r = [1, QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (vg[0] * vg[1] * vg[2] // 4) + [QWEN_VISION_END]
+        if ig is not None:
+            r += [QWEN_VISION_START] + [IMAGE_TOKEN] * (ig[0] * ig[1] * ig[2] // 4) + [QWEN_VISION_END]
+        rows.append(r + text)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    vc = model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    dim = 3 * vc.temporal_patch_size * vc.patch_size**2
+    images = [ig for ig in image_grids if ig is not None]
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values_videos": torch.randn(sum(t * h * w for t, h, w in video_grids), dim, generator=g),
+        "video_grid_thw": torch.tensor(video_grids, dtype=torch.long),
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int() + 2 * (ids == QWEN_VIDEO_TOKEN).int(),
+    }
+    if images:
+        out["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in images), dim, generator=g)
+        out["image_grid_thw"] = torch.tensor(images, dtype=torch.long)
+    return out
