@@ -266,12 +266,20 @@ def test_mean_query_attention_matches_eager_attention(model, monkeypatch):
 
         monkeypatch.setattr(module, "eager_attention_forward", recording)
         monkeypatch.setattr(visual.config, "_attn_implementation", "eager")
-        tokens = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        qkv = []
+        hook = visual.blocks[block].attn.qkv.register_forward_hook(lambda m, i, o: qkv.append(o))
+        try:
+            tokens = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output
+        finally:
+            hook.remove()
+    c = visual.blocks[block].attn.proj.in_features
+    keys = qkv[0][:, c : 2 * c].split([t * h * w for t, h, w in GRIDS])  # per image [n, C], before RoPE
     assert len(seen) == len(GRIDS)  # a full-attention block: one segment per image
     for i, (_, h, w) in enumerate(GRIDS):
         probs = seen[i].mean(1)  # [H, n] over the tower's patch order of image i
         n = probs.shape[-1]
         groups = probs.view(probs.shape[0], n // 4, 4).sum(-1)  # [H, G] in the tower's group order
+        group_keys = keys[i].view(n // 4, 4, c).mean(1)  # [G, C]
         if hasattr(visual, "fullatt_block_indexes"):  # Qwen2.5-VL: windows of 2x2 merged tokens, row-major
             gh, gw = h // 2, w // 2
             order = torch.tensor(
@@ -283,16 +291,15 @@ def test_mean_query_attention_matches_eager_attention(model, monkeypatch):
                     for c in range(wc, min(wc + 2, gw))
                 ]
             )
-            groups = groups[:, order.argsort()]
+            groups, group_keys = groups[:, order.argsort()], group_keys[order.argsort()]
         vt = vts[i]
         assert vt.grid == (h // 2, w // 2) and vt.frames is None
         torch.testing.assert_close(vt.cls_attn[0].softmax(-1), groups, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(vt.tokens[0], tokens[i], atol=1e-5, rtol=1e-4)  # eager vs SDPA run
         # features are the merger's input in the output order: the merger reproduces the tokens from them
-        c = vt.features.shape[-1] // 4
         merged = visual.merger(vt.features[0].reshape(-1, c))
         torch.testing.assert_close(merged, tokens[i], atol=1e-5, rtol=1e-4)
-        assert vt.keys.shape == (1, (h // 2) * (w // 2), c)
+        torch.testing.assert_close(vt.keys[0], group_keys, atol=1e-5, rtol=1e-4)  # mean key of each 2x2 group
 
 
 def test_windowed_block_uses_its_windows():
