@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import llava_batch, tiny_llava
+from tiny_models import llava_batch, stage_masked_attention, tiny_llava
 from vtc.adapters import adapter_of
 
 import vtc
@@ -32,35 +32,10 @@ def test_full_budget_is_the_untouched_model(model, name):
 
 
 def _masked_reference(m, batch, stages, ids=None):
-    """Logits of the unpatched model over the full sequence, where from each stage's layer on the pruned visual
-    columns are masked out of attention (every token is kept and computed)."""
+    """Logits of the unpatched model over the full sequence, pruned columns masked from their stage on."""
     ids = batch["input_ids"] if ids is None else ids
-    prompt = batch["attention_mask"]
-    b, seq = ids.shape
-    mask = torch.cat([prompt, torch.ones(b, seq - prompt.shape[1], dtype=torch.long)], 1).bool()
-    base = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :]
-    handles = []
-    for li, layer in enumerate(m.model.language_model.layers):
-        alive = mask.clone()
-        for s, cols in stages:
-            if li >= s:  # the stage's survivors (prompt coordinates) plus every generated token
-                alive = torch.zeros(b, seq, dtype=torch.bool).scatter_(1, cols, True)
-                alive[:, prompt.shape[1] :] = True
-                alive &= mask
-        m4 = (base & alive[:, None, None, :]) | torch.eye(seq, dtype=torch.bool)[None, None]
-
-        def pre(mod, args, kwargs, m4=m4):
-            kwargs["attention_mask"] = m4
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            out = m(input_ids=ids, attention_mask=mask.long(), pixel_values=batch["pixel_values"])
-    finally:
-        for h in handles:
-            h.remove()
-    return out.logits
+    with torch.no_grad(), stage_masked_attention(m, batch["attention_mask"], stages, ids.shape[1]) as mask:
+        return m(input_ids=ids, attention_mask=mask.long(), pixel_values=batch["pixel_values"]).logits
 
 
 def _stages(m):

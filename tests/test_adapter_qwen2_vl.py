@@ -12,6 +12,7 @@ from tiny_models import (
     QWEN_VIDEO_TOKEN,
     qwen_batch,
     qwen_video_batch,
+    stage_masked_attention,
     tiny_qwen2_5_vl,
     tiny_qwen2_vl,
 )
@@ -339,38 +340,18 @@ IN_LLM = [n for n in ("fastv", "pdrop", "dart") if n in vtc.list_reducers()]
 def _masked_reference(m, batch, stages, ids):
     """Logits of the unpatched model over the full sequence `ids` (prompt + generated), where from each stage's
     layer on the pruned visual columns are masked out of attention (every token is still computed)."""
-    prompt = batch["attention_mask"]
     b, seq = ids.shape
-    mask = torch.cat([prompt, torch.ones(b, seq - prompt.shape[1], dtype=torch.long)], 1).bool()
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :]
-    handles = []
-    for li, layer in enumerate(m.model.language_model.layers):
-        alive = mask.clone()
-        for s, cols in stages:
-            if li >= s:  # the stage's survivors (prompt columns) plus every generated token
-                alive = torch.zeros(b, seq, dtype=torch.bool).scatter_(1, cols, True)
-                alive[:, prompt.shape[1] :] = True
-                alive &= mask
-        m4 = (causal & alive[:, None, None, :]) | torch.eye(seq, dtype=torch.bool)[None, None]
-
-        def pre(mod, args, kwargs, m4=m4):
-            kwargs["attention_mask"] = m4
-            return args, kwargs
-
-        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
-    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros(b, seq - prompt.shape[1], dtype=torch.int)], 1)
-    try:
-        with torch.no_grad():
-            out = m(
-                input_ids=ids,
-                attention_mask=mask.long(),
-                pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"],
-                mm_token_type_ids=mm,
-            )
-    finally:
-        for h in handles:
-            h.remove()
+    mm = torch.cat(
+        [batch["mm_token_type_ids"], torch.zeros(b, seq - batch["attention_mask"].shape[1], dtype=torch.int)], 1
+    )
+    with torch.no_grad(), stage_masked_attention(m, batch["attention_mask"], stages, seq) as mask:
+        out = m(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=mm,
+        )
     return out.logits
 
 

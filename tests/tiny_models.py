@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 IMAGE_TOKEN = 3
@@ -271,3 +273,32 @@ def qwen_video_batch(model, video_grids, image_grids, prompts_text: list[list[in
         out["pixel_values"] = torch.randn(sum(t * h * w for t, h, w in images), dim, generator=g)
         out["image_grid_thw"] = torch.tensor(images, dtype=torch.long)
     return out
+
+
+@contextlib.contextmanager
+def stage_masked_attention(model, prompt_mask: torch.Tensor, stages, seq: int):
+    """Reference for in-LLM pruning: every token is computed, but from each stage's layer on the pruned prompt columns
+    are masked out of attention. `stages` = [(layer, kept prompt columns [B, K])]; yields the 2-D mask [B, seq]."""
+    b, plen = prompt_mask.shape
+    mask = torch.cat([prompt_mask, torch.ones(b, seq - plen, dtype=torch.long)], 1).bool()
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask[:, None, None, :]
+    handles = []
+    for li, layer in enumerate(model.model.language_model.layers):
+        alive = mask.clone()
+        for s, cols in stages:
+            if li >= s:  # the stage's survivors (prompt columns) plus every generated token
+                alive = torch.zeros(b, seq, dtype=torch.bool).scatter_(1, cols, True)
+                alive[:, plen:] = True
+                alive &= mask
+        m4 = (causal & alive[:, None, None, :]) | torch.eye(seq, dtype=torch.bool)[None, None]
+
+        def pre(mod, args, kwargs, m4=m4):
+            kwargs["attention_mask"] = m4
+            return args, kwargs
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        yield mask
+    finally:
+        for h in handles:
+            h.remove()
