@@ -1,0 +1,1 @@
+"""Training loops for the parts of vtc that learn (tiny VLMs, tokenizers)."""

@@ -1,0 +1,529 @@
+"""Train the tiny VLMs that `vtc eval` runs by default: real transformers classes, competent on `vtc-shapes`.
+
+    vtc train vlm llava  --out assets/tiny-llava-shapes      # LlavaForConditionalGeneration, CLIP tower, 576 tokens
+    vtc train vlm qwen2_vl --out assets/tiny-qwen2-vl-shapes  # Qwen2VLForConditionalGeneration, 144 merged tokens
+
+Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the project notes):
+1. `dense`: the vision tower and projector learn rich patch tokens from dense per-token supervision of the rendered
+   scene — colour, shape, letter and object-centre class of every cell of the token grid, and (for LLaVA, whose CLIP
+   tower has absolute position embeddings) the cell's row and column — through linear heads that are then discarded.
+2. `cache`: the tower and projector are frozen; their outputs for a pool of training scenes are computed once.
+3. `lm`: the language model learns from sequences of one image followed by many question-answer turns (each image's
+   576 tokens are paid for once per ~12 supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
+   position (2-D RoPE only), an auxiliary head reads each visual token's row and column from the LM's first layer,
+   so the LM learns where its tokens are; the head is discarded.
+
+Every stage checkpoints (safetensors: model, optimiser moments, RNG-free step counter) and a killed run resumes
+where it stopped. The final model and its processor (word-level tokenizer, image processor, chat template) are
+saved with `save_pretrained` and load with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vtc.eval.benchmarks import shapes as S
+
+FAMILIES = ("llava", "qwen2_vl")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>"]  # fmt: skip
+CHAT_TEMPLATE = {
+    # the tiny models are trained on "<image-run> question" → "answer </s>"; the template yields exactly that
+    "llava": "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+    "{% elif c['type'] == 'video' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}",
+    "qwen2_vl": "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|> {% elif c['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}",
+}
+IMAGE_SIZE = 192
+
+
+@dataclass
+class TrainConfig:
+    family: str = "llava"
+    pool: int = 12000  # training scenes (rendered once, cached)
+    dense_steps: int = 1500
+    dense_batch: int = 16
+    dense_lr: float = 1e-3
+    lm_steps: int = 3000
+    lm_batch: int = 12
+    lm_lr: float = 2e-3
+    qa_per_image: int = 12
+    val_per_type: int = 40
+    seed: int = 0
+    threads: int = 2
+    checkpoint_every: int = 100
+
+
+# ---------------------------------------------------------------------- model, tokenizer, processor
+def build_tokenizer():
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + S.vocabulary()
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens(SPECIAL)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def build_model(family: str, vocab_size: int):
+    """The tiny architecture of each family (random weights)."""
+    check_family(family)
+    text = dict(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        vision = CLIPVisionConfig(
+            hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=8, projection_dim=96,
+        )  # fmt: skip
+        cfg = LlavaConfig(
+            vision_config=vision, text_config=LlamaConfig(**text), image_token_id=SPECIAL.index("<image>"),
+            vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        )  # fmt: skip
+        return LlavaForConditionalGeneration(cfg)
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    vision = dict(depth=3, embed_dim=96, hidden_size=128, num_heads=4, mlp_ratio=4, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
+    cfg = Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=SPECIAL.index("<|image_pad|>"),
+        video_token_id=SPECIAL.index("<|video_pad|>"), vision_start_token_id=SPECIAL.index("<|vision_start|>"),
+        vision_end_token_id=SPECIAL.index("<|vision_end|>"),
+    )  # fmt: skip
+    return Qwen2VLForConditionalGeneration(cfg)
+
+
+def build_processor(family: str, tokenizer):
+    check_family(family)
+    if family == "llava":
+        from transformers import CLIPImageProcessor, LlavaProcessor
+
+        ip = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        )  # fmt: skip
+        return LlavaProcessor(
+            image_processor=ip, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE[family],
+        )  # fmt: skip
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    kw = dict(patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+              min_pixels=32 * 32, max_pixels=768 * 768)  # fmt: skip
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**kw),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**kw),
+        chat_template=CHAT_TEMPLATE[family],
+    )
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny VLM family {family!r}; choose one of {FAMILIES}")
+
+
+# ---------------------------------------------------------------------- data
+def grid_of(family: str) -> int:
+    return IMAGE_SIZE // 8 if family == "llava" else IMAGE_SIZE // 16
+
+
+def _render(args: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    seed, grid = args
+    scene = S.make_scene(seed)
+    m = scene.label_maps(grid)
+    return scene.render(), np.stack([m["colour"], m["shape"], m["letter"], m["centre"]])
+
+
+def render_pool(n: int, grid: int, seed0: int, workers: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n, S, S, 3] uint8 and label maps [n, 4, G, G] of training scenes seed0 .. seed0 + n - 1."""
+    from multiprocessing import get_context
+
+    args = [(seed0 + i, grid) for i in range(n)]
+    if workers > 1:
+        with get_context("fork").Pool(workers) as pool:
+            out = pool.map(_render, args, chunksize=64)
+    else:
+        out = [_render(a) for a in args]
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+
+def pixel_inputs(processor, images: list[np.ndarray], family: str) -> dict[str, Tensor]:
+    out = processor.image_processor(images=images, return_tensors="pt")
+    keys = ["pixel_values"] + (["image_grid_thw"] if family == "qwen2_vl" else [])
+    return {k: out[k] for k in keys}
+
+
+def image_features(model, pix: dict[str, Tensor], family: str) -> Tensor:
+    """Projected visual tokens [B, N, D] (N = 576 for LLaVA, 144 for Qwen2-VL at 192 px)."""
+    inner = model.model
+    out = inner.get_image_features(**pix)
+    return torch.stack(list(out.pooler_output))
+
+
+# ---------------------------------------------------------------------- checkpoints (safetensors only)
+def save_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer | None, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Tensor] = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous()
+    if opt is not None:
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for k, v in opt.state.get(p, {}).items():
+                    if torch.is_tensor(v):
+                        tensors[f"opt.{gi}.{pi}.{k}"] = v.detach().reshape(v.shape).contiguous().clone()
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer | None) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    for name, mod in modules.items():
+        pre = f"{name}."
+        mod.load_state_dict({k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)})
+    if opt is not None:
+        for gi, group in enumerate(opt.param_groups):
+            for pi, p in enumerate(group["params"]):
+                st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{gi}.{pi}.")}
+                if st:
+                    opt.state[p] = st
+    return meta
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+# ---------------------------------------------------------------------- stage 1: dense patch supervision
+class DenseHeads(nn.Module):
+    """Linear read-outs of every visual token: colour, shape, letter, object centre, row/column."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(dim, len(S.COLOURS) + 1)
+        self.shape = nn.Linear(dim, len(S.SHAPES) + 1)
+        self.letter = nn.Linear(dim, len(S.LETTERS) + 1)
+        self.centre = nn.Linear(dim, 2)
+        self.pos = nn.Linear(dim, 2)
+
+    def loss(self, feats: Tensor, labels: Tensor, grid: int, with_pos: bool) -> tuple[Tensor, dict[str, float]]:
+        """feats [B, G*G, D]; labels [B, 4, G, G] (colour, shape, letter, centre)."""
+        lab = labels.flatten(2)  # [B, 4, G*G]
+        fg = (lab[:, 0] > 0) | (lab[:, 2] > 0)
+        w = 1.0 + 4.0 * fg.float()  # foreground cells are few: weight them up
+        logs, total = {}, feats.new_zeros(())
+        for i, head in enumerate((self.colour, self.shape, self.letter, self.centre)):
+            ce = nn.functional.cross_entropy(head(feats).flatten(0, 1).float(), lab[:, i].flatten(), reduction="none")
+            term = (ce * w.flatten()).sum() / w.sum()
+            total = total + term
+            logs[("colour", "shape", "letter", "centre")[i]] = float(term)
+        if with_pos:
+            rows = torch.arange(grid, device=feats.device).repeat_interleave(grid).float() / (grid - 1)
+            cols = torch.arange(grid, device=feats.device).repeat(grid).float() / (grid - 1)
+            target = torch.stack([rows, cols], -1).expand(feats.shape[0], -1, -1)
+            mse = nn.functional.mse_loss(self.pos(feats).float(), target) * 20
+            total = total + mse
+            logs["pos"] = float(mse)
+        return total, logs
+
+
+# ---------------------------------------------------------------------- stage 3: multi-turn question answering
+def make_turns(seed: int, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    scene = S.make_scene(seed)
+    turns, seen = [], set()
+    for _ in range(4 * n):
+        qa = S.ask(scene, S.QTYPES[int(rng.integers(len(S.QTYPES)))], rng)
+        if qa is not None and qa[0] not in seen:
+            seen.add(qa[0])
+            turns.append(qa)
+        if len(turns) == n:
+            break
+    return turns
+
+
+def build_sequence(prefix: list[int], turns: list[tuple[str, str]], tok) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 except answers and their </s>) for `prefix` + q1 a1 </s> q2 a2 </s> ..."""
+    ids, labels = list(prefix), [-100] * len(prefix)
+    for q, a in turns:
+        qi = tok(q, add_special_tokens=False)["input_ids"]
+        ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids += qi + ai
+        labels += [-100] * len(qi) + ai
+    return ids, labels
+
+
+def image_prefix(family: str, n_tokens: int) -> list[int]:
+    if family == "llava":
+        return [1] + [SPECIAL.index("<image>")] * n_tokens
+    return (
+        [1, SPECIAL.index("<|vision_start|>")]
+        + [SPECIAL.index("<|image_pad|>")] * n_tokens
+        + [SPECIAL.index("<|vision_end|>")]
+    )
+
+
+def lm_forward(model, family: str, ids: Tensor, mask: Tensor, feats: Tensor, grid: int, hidden_layer: int | None):
+    """Logits of the language model fed `feats` [B, N, D] at the image placeholders (what the full forward does
+    with a frozen tower), and optionally the hidden state after layer `hidden_layer`."""
+    inner = model.model
+    emb = inner.get_input_embeddings()(ids)  # [B, L, D]
+    img = ids == model.config.image_token_id
+    emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype))
+    kwargs: dict[str, Any] = {}
+    if family == "qwen2_vl":
+        b = ids.shape[0]
+        thw = torch.tensor([[1, 2 * grid, 2 * grid]] * b)
+        pos, _ = inner.get_rope_index(ids, mm_token_type_ids=img.int(), image_grid_thw=thw, attention_mask=mask)
+        kwargs["position_ids"] = pos
+    out = inner.language_model(
+        inputs_embeds=emb, attention_mask=mask, output_hidden_states=hidden_layer is not None, **kwargs
+    )
+    logits = model.lm_head(out.last_hidden_state)
+    hid = out.hidden_states[hidden_layer] if hidden_layer is not None else None
+    return logits, hid
+
+
+# ---------------------------------------------------------------------- the run
+def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
+    check_family(cfg.family)
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    work = out / "work"  # resumable state, not shipped
+    work.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    processor = build_processor(cfg.family, tok)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.family, len(tok))
+    grid = grid_of(cfg.family)
+    dim = model.config.text_config.hidden_size
+    heads = DenseHeads(dim)
+    aux = nn.Linear(dim, 2)
+    logf = open(work / "log.jsonl", "a")
+
+    def record(**kw):
+        kw["time"] = time.time()
+        logf.write(json.dumps(kw) + "\n")
+        logf.flush()
+
+    # ---- data pool (rendered once; cached as .npy, not weights)
+    pool_path = work / f"pool_{cfg.pool}_{grid}.npz"
+    if pool_path.exists():
+        z = np.load(pool_path)
+        images, labels = z["images"], z["labels"]
+    else:
+        t0 = time.time()
+        images, labels = render_pool(cfg.pool, grid, seed0=cfg.seed * 10**7, workers=cfg.threads)
+        np.savez(pool_path, images=images, labels=labels)
+        log(f"rendered {cfg.pool} scenes in {time.time() - t0:.0f}s")
+    seeds = np.arange(cfg.pool) + cfg.seed * 10**7
+
+    visual = [model.model.vision_tower if cfg.family == "llava" else model.model.visual]
+    if cfg.family == "llava":
+        visual.append(model.model.multi_modal_projector)
+    vis_params = [p for m in visual for p in m.parameters()]
+    ckpt = work / "state.safetensors"
+    modules = {"model": model, "heads": heads, "aux": aux}
+
+    # ---- stage 1: dense
+    opt1 = torch.optim.AdamW(vis_params + list(heads.parameters()), lr=cfg.dense_lr, weight_decay=0.01)
+    meta = {"stage": "dense", "step": 0}
+    if ckpt.exists():
+        meta = load_state(ckpt, modules, None)
+        log(f"resuming at {meta}")
+    if meta["stage"] == "dense":
+        if meta["step"] > 0:
+            meta = load_state(ckpt, modules, opt1)
+        model.train()
+        t0 = time.time()
+        for step in range(meta["step"], cfg.dense_steps):
+            idx = np.random.default_rng(cfg.seed * 7919 + step).integers(0, cfg.pool, cfg.dense_batch)
+            pix = pixel_inputs(processor, list(images[idx]), cfg.family)
+            for g in opt1.param_groups:
+                g["lr"] = lr_at(step, cfg.dense_steps, cfg.dense_lr)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                feats = image_features(model, pix, cfg.family)
+                loss, parts = heads.loss(feats, torch.from_numpy(labels[idx]), grid, with_pos=cfg.family == "llava")
+            opt1.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+            opt1.step()
+            if step % 20 == 0:
+                log(f"dense {step}/{cfg.dense_steps} loss {float(loss):.3f} {parts} {time.time() - t0:.0f}s")
+                record(stage="dense", step=step, loss=float(loss), **parts)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dense_steps:
+                save_state(ckpt, modules, opt1, {"stage": "dense", "step": step + 1})
+        meta = {"stage": "cache", "step": 0}
+        save_state(ckpt, modules, None, meta)
+    del opt1
+
+    # ---- stage 2: cache frozen visual tokens
+    for p in vis_params:
+        p.requires_grad_(False)
+    for m in visual:
+        m.eval()
+    cache_path = work / "feats.safetensors"
+    if cache_path.exists():
+        from safetensors.torch import load_file
+
+        feats_all = load_file(str(cache_path))["feats"]
+    else:
+        t0 = time.time()
+        chunks = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, cfg.pool, 64):
+                pix = pixel_inputs(processor, list(images[i : i + 64]), cfg.family)
+                chunks.append(image_features(model, pix, cfg.family).to(torch.bfloat16))
+        feats_all = torch.cat(chunks)
+        from safetensors.torch import save_file
+
+        save_file({"feats": feats_all}, str(cache_path))
+        log(f"cached visual tokens {tuple(feats_all.shape)} in {time.time() - t0:.0f}s")
+    if meta["stage"] == "cache":
+        meta = {"stage": "lm", "step": 0}
+
+    # ---- stage 3: language model on multi-turn QA
+    lm_params = [p for n, p in model.named_parameters() if p.requires_grad]
+    opt3 = torch.optim.AdamW(lm_params + list(aux.parameters()), lr=cfg.lm_lr, weight_decay=0.01)
+    if meta["stage"] == "lm" and meta["step"] > 0:
+        meta = load_state(ckpt, modules, opt3)
+    n_tok = feats_all.shape[1]
+    prefix = image_prefix(cfg.family, n_tok)
+    use_aux = cfg.family == "qwen2_vl"
+    model.train()
+    for m in visual:
+        m.eval()
+    t0 = time.time()
+    for step in range(meta["step"] if meta["stage"] == "lm" else cfg.lm_steps, cfg.lm_steps):
+        r = np.random.default_rng(cfg.seed * 104729 + step)
+        idx = r.integers(0, cfg.pool, cfg.lm_batch)
+        batch = [build_sequence(prefix, make_turns(int(seeds[i]), cfg.qa_per_image, r), tok) for i in idx]
+        width = max(len(b[0]) for b in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        lab = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, (a, b) in enumerate(batch):
+            ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+        for g in opt3.param_groups:
+            g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, hid = lm_forward(model, cfg.family, ids, mask, feats_all[idx], grid, 1 if use_aux else None)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+            aux_loss = torch.zeros(())
+            if use_aux:
+                vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
+                rows = torch.arange(grid).repeat_interleave(grid).float() / (grid - 1)
+                cols = torch.arange(grid).repeat(grid).float() / (grid - 1)
+                aux_loss = 20 * nn.functional.mse_loss(
+                    aux(vis).float(), torch.stack([rows, cols], -1).expand(len(batch), -1, -1)
+                )
+        opt3.zero_grad(set_to_none=True)
+        (loss + aux_loss).backward()
+        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
+        opt3.step()
+        if step % 20 == 0:
+            log(f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} {time.time() - t0:.0f}s")
+            record(stage="lm", step=step, loss=float(loss), aux=float(aux_loss))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
+            save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
+        if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
+            acc = quick_val(model, processor, cfg, tok)
+            log(f"val {step + 1}: {acc}")
+            record(stage="val", step=step + 1, **acc)
+            model.train()
+            for m in visual:
+                m.eval()
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bos_token_id = 1
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log(f"saved {out}")
+    return out
+
+
+@torch.no_grad()
+def quick_val(model, processor, cfg: TrainConfig, tok) -> dict[str, float]:
+    """Greedy-equivalent (teacher-forced exact match) accuracy per question type on the vtc-shapes val split."""
+    model.eval()
+    bench = S.ShapesBenchmark(split="val", per_type=cfg.val_per_type)
+    grid = grid_of(cfg.family)
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(bench), 32):
+        samples = [bench[j] for j in range(i, min(i + 32, len(bench)))]
+        pix = pixel_inputs(processor, [np.asarray(s.images[0]) for s in samples], cfg.family)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = image_features(model, pix, cfg.family)
+        prefix = image_prefix(cfg.family, feats.shape[1])
+        seqs = [build_sequence(prefix, [(s.question, s.answer)], tok) for s in samples]
+        width = max(len(a) for a, _ in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for j, (a, b) in enumerate(seqs):
+            ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, _ = lm_forward(model, cfg.family, ids, mask, feats, grid, None)
+        pred = logits[:, :-1].argmax(-1)
+        ok = ((pred == lab[:, 1:]) | (lab[:, 1:] == -100)).all(1)
+        for s, o in zip(samples, ok.tolist(), strict=True):
+            hits.setdefault(s.qtype, []).append(o)
+    res = {t: round(sum(v) / len(v), 3) for t, v in hits.items()}
+    res["all"] = round(sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), 3)
+    return res
+
+
+# ---------------------------------------------------------------------- CLI
+def add_parser(sub) -> None:
+    p = sub.add_parser("vlm", help="train a tiny VLM (llava or qwen2_vl) on vtc-shapes")
+    p.add_argument("family", choices=FAMILIES)
+    p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable); resumes if present")
+    for f, v in asdict(TrainConfig()).items():
+        if f != "family":
+            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    fields = {k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)}
+    fields["family"] = args.family
+    train_vlm(TrainConfig(**fields), args.out)
