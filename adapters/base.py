@@ -95,7 +95,7 @@ class VLMAdapter:
         self.reducer = reducer
         self.budget = budget
         self.config = config
-        self.last: dict[str, Any] = {}  # what the last prefill did: selections, kept counts, column map
+        self.last: dict[str, Any] = {}  # what the last prefill did: selections, kept counts, column map, layouts
         self._decode: _DecodeState | None = None
         self._had_instance_forward = "forward" in model.__dict__
         self._orig_forward = model.forward
@@ -265,6 +265,9 @@ class VLMAdapter:
             "num_visual_in": sum(counts),
             "num_visual_kept": sum(kept),
             "effective_visual_tokens": self.in_llm.effective if self.in_llm else sum(kept) / max(len(kept), 1),
+            # per image, in placeholder order (for vtc.eval.viz): (grid, views, frames) and its placeholder run
+            "layouts": [(g.grid, g.views, g.frames) for g in groups for _ in range(g.tokens.shape[0])],
+            "slots": slots,
         }
         cache = getattr(out, "past_key_values", None)
         self._decode = None
