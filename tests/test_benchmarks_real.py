@@ -193,6 +193,9 @@ def test_pope_hub_full_config_and_save_to_disk(tmp_path: Path) -> None:
     write_save_to_disk(tmp_path / "disk", {"test": rows})
     check_pope(create_benchmark("pope", path=tmp_path / "disk"))
     check_pope(create_benchmark("pope", path=tmp_path / "disk", split="random"), "random")
+    write_save_to_disk(tmp_path / "bare", rows)  # a Dataset, not a DatasetDict: it answers every split name
+    check_pope(create_benchmark("pope", path=tmp_path / "bare"))
+    check_pope(create_benchmark("pope", path=tmp_path / "bare", split="popular"), "popular")
 
 
 def test_pope_parser() -> None:

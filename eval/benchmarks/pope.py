@@ -141,23 +141,21 @@ class POPE(Benchmark):
     def _hub(self, root: Path, splits: list[str]) -> list[dict]:
         cols = ["question_id", "question", "answer", "category", "image_source"]
         per_split = {s: hf_split_files(root, s) for s in splits}
-        if all(per_split.values()):  # the `Full` config: one split per POPE split
-            tables = {s: HFTable(f, cols) for s, f in per_split.items()}
+        if all(per_split.values()) and len({tuple(f) for f in per_split.values()}) == len(splits):
+            # the `Full` config: one split per POPE split
+            sources = [(HFTable(f, cols), {s}) for s, f in per_split.items()]
         else:
             test = hf_split_files(root, "test")
             if not test:
                 raise FileNotFoundError(f"pope: found no POPE split files under {root}. Expected one of:\n{LAYOUTS}")
-            table = HFTable(test, cols)
-            tables = {s: table for s in splits}
+            sources = [(HFTable(test, cols), set(splits))]
         items = []
-        seen: set[int] = set()
-        for s, table in tables.items():
-            if id(table) in seen:
-                continue
-            seen.add(id(table))
+        for table, allowed in sources:
             for i, row in enumerate(table.rows):
-                cat = row.get("category") or s
-                if cat not in splits:
+                cat = row.get("category") or (next(iter(allowed)) if len(allowed) == 1 else None)
+                if cat is None:
+                    raise ValueError(f"pope: {table.files[0]} has no 'category' column to tell the POPE splits apart")
+                if cat not in allowed:
                     continue
                 items.append(
                     {
