@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,11 @@ class AdapterConfig:
     positions: str = "original"  # "original": kept tokens keep their positions; "renumber": contiguous positions
     vision_layer: int | None = None  # hidden-state index whose layer gives CLS attention/keys; None: the feature layer
     query_text: str = "after_image"  # question tokens for query-aware reducers: "after_image" or "all_text"
+    # An in-LLM stage run after a pre-LLM reducer: True (the method's own, `Reducer.in_llm_stage`), a registry name
+    # or an in-LLM reducer instance; None: none. `in_llm_budget` is its budget over the visual tokens that enter
+    # the LLM (None: the stage's `composed_budget`).
+    in_llm: Any = None
+    in_llm_budget: int | float | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in ("original", "renumber"):
@@ -101,10 +107,16 @@ class VLMAdapter:
         self._orig_forward = model.forward
         self._sig = inspect.signature(type(model).forward)
         self.in_llm = None
-        if reducer.stage == "in_llm":
+        if reducer.stage == "in_llm" or config.in_llm is not None:
             from .in_llm import InLLMPruner
 
-            self.in_llm = InLLMPruner(model, reducer, budget)
+            if reducer.stage == "in_llm":
+                self.in_llm = InLLMPruner(model, reducer, budget)
+            else:  # composed: the pre-LLM reducer, then this in-LLM stage (see `compress`)
+                stage_budget = config.in_llm_budget
+                if stage_budget is None:
+                    stage_budget = config.in_llm.composed_budget
+                self.in_llm = InLLMPruner(model, config.in_llm, stage_budget)
 
     # ------------------------------------------------------------------ family hooks
     def encode(self, pixel_values: Tensor, extra: dict[str, Any]) -> list[VisualTokens]:
@@ -146,6 +158,12 @@ class VLMAdapter:
         """
         cols, toks = _placed_tokens(sel, j)
         return cols, toks, int(cols.numel())
+
+    def layout_index(self, image: int, run_cols: Tensor) -> Tensor:
+        """Index in the reducer's layout (`VisualTokens` order) of the visual tokens placed at columns `run_cols` of
+        image `image`'s placeholder run (in-LLM methods use it for spatial positions). Default: the run is the
+        layout (a merged token: its first source)."""
+        return run_cols
 
     def set_rope_state(self, positions: Tensor, keep_src: Tensor, new_mask: Tensor) -> None:
         """Hook for M-RoPE families (rope_deltas)."""
@@ -221,13 +239,19 @@ class VLMAdapter:
         for s in slots:
             keep[s.b, s.cols] = False
         selections, kept, i = [], [], 0
+        in_llm_only = self.reducer.stage == "in_llm"
+        visual = torch.zeros(b, seq, dtype=torch.bool, device=input_ids.device)  # visual tokens placed (no separators)
+        layout = torch.full((b, seq), -1, dtype=torch.long, device=input_ids.device)
+        image = torch.full((b, seq), -1, dtype=torch.long, device=input_ids.device)
+        grids: list[tuple[int, int, int]] = []
         for g in groups:
             m = g.tokens.shape[0]
             q = None
             if query is not None:
                 q = Query(query.embeds[i : i + m], query.mask[i : i + m])
-            sel = _keep_all(g.tokens) if self.in_llm is not None else self.reducer(g, budget=self.budget, query=q)
+            sel = _keep_all(g.tokens) if in_llm_only else self.reducer(g, budget=self.budget, query=q)
             selections.append(sel)
+            grids.extend([_grid_info(g)] * m)
             for j in range(m):
                 cols, toks, n_visual = self.place(i + j, sel, j)
                 s = slots[i + j]
@@ -235,6 +259,9 @@ class VLMAdapter:
                 keep[s.b, dst] = True
                 embeds[s.b, dst] = toks.to(embeds.dtype)
                 kept.append(n_visual)
+                visual[s.b, dst[:n_visual]] = True
+                image[s.b, dst[:n_visual]] = i + j
+                layout[s.b, dst[:n_visual]] = self.layout_index(i + j, cols[:n_visual])
             i += m
         positions = self.full_positions(input_ids, attention_mask, kw.pop("position_ids", None), extra)
         src, valid = _compact(keep)  # [B, L'] source column of each new column, validity
@@ -247,8 +274,13 @@ class VLMAdapter:
         new_pos = new_pos * valid if new_pos.dim() == 2 else new_pos * valid.unsqueeze(0)
         self.set_rope_state(positions, src, new_mask)
         if self.in_llm is not None:
-            img = self.placeholder_mask(input_ids).gather(1, src) & valid
-            self.in_llm.begin_prefill(img, new_mask.bool(), int(img.sum(-1).max()))
+            self.in_llm.begin_prefill(
+                visual.gather(1, src) & valid,
+                new_mask.bool(),
+                layout=layout.gather(1, src),
+                image=image.gather(1, src),
+                grids=grids,
+            )
         try:
             out = self._orig_forward(
                 input_ids=None, inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_pos, **kw
@@ -264,11 +296,15 @@ class VLMAdapter:
             "source_columns": src.masked_fill(~valid, -1),
             "num_visual_in": sum(counts),
             "num_visual_kept": sum(kept),
-            "effective_visual_tokens": self.in_llm.effective if self.in_llm else sum(kept) / max(len(kept), 1),
+            "effective_visual_tokens": sum(kept) / max(len(kept), 1),
             # per image, in placeholder order (for vtc.eval.viz): (grid, views, frames) and its placeholder run
             "layouts": [(g.grid, g.views, g.frames) for g in groups for _ in range(g.tokens.shape[0])],
             "slots": slots,
         }
+        if self.in_llm is not None:  # layer-averaged visual tokens per image: Σ_samples Σ_layers count / (L · images)
+            per_layer = self.in_llm.per_layer
+            self.last["visual_tokens_per_layer"] = per_layer
+            self.last["effective_visual_tokens"] = float(per_layer.sum()) / (per_layer.shape[1] * max(len(kept), 1))
         cache = getattr(out, "past_key_values", None)
         self._decode = None
         if cache is not None:
@@ -328,6 +364,16 @@ class VLMAdapter:
         return Query(q, m)
 
     extra_image_keys: tuple[str, ...] = ()
+
+
+def _grid_info(vt: VisualTokens) -> tuple[int, int, int]:
+    """`(h, w, views)` of a group's layout: views (or frames) of h×w each; a 1×n row if it is not a grid."""
+    views = vt.num_views()
+    n = vt.tokens.shape[1] // views
+    if vt.grid is not None:
+        return (vt.grid[0], vt.grid[1], views)
+    side = math.isqrt(n)
+    return (side, side, views) if side * side == n else (1, n, views)
 
 
 def _keep_all(x: Tensor) -> Selection:
@@ -394,8 +440,13 @@ def compress(model: nn.Module, reducer: str | Reducer, budget: int | float = 0.2
         model: a supported transformers VLM (see `vtc.adapters.supported_models()`).
         reducer: a registry name (`vtc.list_reducers()`) or a reducer instance.
         budget: tokens kept per image (int) or a fraction (float), as everywhere in vtc.
-        **config: adapter options (`AdapterConfig` fields: positions, vision_layer, query_text); with a reducer name,
-            the remaining keys configure the reducer.
+        **config: adapter options (`AdapterConfig` fields: positions, vision_layer, query_text, in_llm,
+            in_llm_budget); with a reducer name, the remaining keys configure the reducer.
+
+    Composition: `vtc.compress(model, "todre", budget=64, in_llm=True)` runs ToDRE's k-center stage before the LLM
+    and its own in-LLM stage inside it; `in_llm="fastv"` (or an in-LLM reducer instance) composes any in-LLM method
+    after any pre-LLM one, `in_llm_budget` being its budget over the visual tokens that reach the LLM.
+    `adapter_of(model).last["effective_visual_tokens"]` is then the layer-averaged count per image.
     """
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("vtc.compress: this model is already compressed; call vtc.restore(model) first")
@@ -409,11 +460,37 @@ def compress(model: nn.Module, reducer: str | Reducer, budget: int | float = 0.2
         raise TypeError(f"vtc.compress: unknown option(s) {sorted(rest)} for an already built reducer")
     if not isinstance(reducer, Reducer):
         raise TypeError(f"vtc.compress: reducer must be a name or a vtc.Reducer, got {type(reducer).__name__}")
+    acfg.in_llm = _in_llm_stage(reducer, acfg.in_llm)
     p = next(iter(model.parameters()), None)
     if p is not None:
         reducer.to(p.device)
+        if acfg.in_llm is not None:
+            acfg.in_llm.to(p.device).eval()
     adapter_cls(model, reducer.eval(), budget, acfg).attach()
     return model
+
+
+def _in_llm_stage(reducer: Reducer, in_llm: Any) -> Reducer | None:
+    """The in-LLM reducer composed after a pre-LLM `reducer` (see `AdapterConfig.in_llm`), or None."""
+    if in_llm is None or in_llm is False:
+        return None
+    if reducer.stage == "in_llm":
+        raise ValueError(
+            f"vtc.compress: {reducer.name} already prunes inside the LLM; in_llm= composes an in-LLM stage after a "
+            "pre-LLM reducer"
+        )
+    if in_llm is True:
+        if reducer.in_llm_stage is None:
+            raise ValueError(
+                f"vtc.compress: {reducer.name} has no in-LLM stage of its own; pass in_llm=<name of an in-LLM "
+                "reducer>, e.g. in_llm='fastv'"
+            )
+        in_llm = reducer.in_llm_stage
+    if isinstance(in_llm, str):
+        in_llm = create_reducer(in_llm)
+    if not isinstance(in_llm, Reducer) or in_llm.stage != "in_llm":
+        raise ValueError(f"vtc.compress: in_llm={in_llm!r} is not an in-LLM reducer (stage == 'in_llm')")
+    return in_llm
 
 
 def restore(model: nn.Module) -> nn.Module:

@@ -161,6 +161,13 @@ class LlavaNextAdapter(VLMAdapter):
         """Placeholder runs: each holds the packed layout (thumbnail, unpadded rows + newlines), not N tokens."""
         return super().image_slots(input_ids, [lay.length for lay in self.layouts])
 
+    def layout_index(self, image: int, run_cols: Tensor) -> Tensor:
+        lay = self.layouts[image]
+        present = lay.column >= 0
+        inverse = torch.full((lay.length,), -1, dtype=torch.long, device=lay.column.device)
+        inverse[lay.column[present]] = present.nonzero().squeeze(-1)  # run column → index in the reducer layout
+        return inverse[run_cols]
+
     def place(self, image: int, sel: Selection, j: int) -> tuple[Tensor, Tensor, int]:
         lay = self.layouts[image]
         n = lay.column.numel()

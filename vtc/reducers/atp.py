@@ -12,8 +12,11 @@ and keeps, per instance, the visual tokens that pass either of two learned thres
 * training: soft mask max(σ(T(S_red − θ_r)), σ(T(S_sp − θ_s))), T = 10; inference: keep = (S_red > θ_r) OR
   (S_sp > θ_s). Loss (next-token loss excluded): 0.05·Σ_l (kept_l / N)·l + 0.2·|mean kept − target|.
 
-The functions below are the reusable pieces (adapters call them inside the LLM with the layer's own q/k); the
-`atp` reducer applies them before the LLM, where the "attention" comes from the embeddings themselves.
+The functions below are the reusable pieces. `atp_llm` is the paper's module inside the LLM: at each of its
+layers it scores the visual tokens still alive with the q/k of the layer before (captured beside SDPA), with its
+own threshold head per layer, so the kept count adapts per instance and per layer. The `atp` reducer applies the
+same rule once before the LLM, where the "attention" comes from the embeddings themselves; the two compose:
+`vtc.compress(model, "atp", budget=k, in_llm=True)` runs `atp` on the projector outputs, then `atp_llm`.
 
 Pinned choices (the paper leaves these open or they are not verifiable without code):
 
@@ -40,6 +43,14 @@ Pinned choices (the paper leaves these open or they are not verifiable without c
   returns the identity and no scores are computed.
 * Loss: `kept` is `[B, L]` (soft counts Σ_j mask_j at the L pruning layers); "mean kept" is the mean over those
   layers; the result is averaged over the batch.
+* `atp_llm` layers (the paper does not let us verify its module positions): by default modules before layers
+  2, 8, 16 and 24 of a 32-layer LLM (scaled to the depth): FastV's shallow layer, then PyramidDrop's quarters.
+  Text queries are the real text tokens after the last visual token (the question); S_self, S_cross, SAP and the
+  thresholds are computed per sample over its visual tokens still alive, with SAP on their positions in the
+  image's reducer layout (the adapter's `layout_index`). Budget: `budget` caps every layer (at most k tokens per
+  sample from the first ATP layer on; a full budget prunes nothing); composed after `atp`, the cap defaults to half
+  of the tokens that reach the LLM (`in_llm_budget` overrides it). The thresholds of the last prefill are in
+  `adapter_of(model).in_llm.memo["atp_theta"]` (`{stage: [B, 2]}`).
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from ..ops.attention import attention_logits
 from ..ops.grid import uniform_grid_indices
 from ..ops.select import keep_mask_to_indices, pruned_selection
 from ..types import Query, Selection, VisualTokens
-from .base import Reducer, ReducerConfig, register_reducer
+from .base import InLLMReducer, Reducer, ReducerConfig, register_reducer
 
 
 @dataclass
@@ -213,6 +224,7 @@ class ATP(Reducer):
 
     needs_query = True
     adaptive = True
+    in_llm_stage = "atp_llm"
 
     def __init__(self, config: ATPConfig | None = None) -> None:
         super().__init__(config)
@@ -239,9 +251,74 @@ class ATP(Reducer):
         )
 
 
+# ---------------------------------------------------------------------------------------------- in-LLM stage
+ATP_LLM_FRACTIONS = (2 / 32, 8 / 32, 16 / 32, 24 / 32)
+
+
+@dataclass
+class ATPInLLMConfig(ATPConfig):
+    layers: tuple[int, ...] | None = None  # first layer after each ATP module; None: 2, 8, 16, 24 of 32 (scaled)
+
+
+@register_reducer("atp_llm", config=ATPInLLMConfig)
+class ATPInLLM(InLLMReducer):
+    """ATP modules inside the LLM: per layer and instance, keep the tokens passing either learned threshold."""
+
+    adaptive = True
+
+    def __init__(self, config: ATPInLLMConfig | None = None) -> None:
+        super().__init__(config)
+        c = self.config
+        stages = len(c.layers) if c.layers is not None else len(ATP_LLM_FRACTIONS)
+        self.thresholds = nn.ModuleList(
+            ATPThresholds(c.hidden, c.init_theta_red, c.init_theta_spatial) for _ in range(stages)
+        )
+
+    def plan(self, n_visual: int, k: int, num_layers: int) -> list[tuple[int, int]]:
+        layers = self._layers_at(self.config.layers, ATP_LLM_FRACTIONS, num_layers)
+        return [(layer, k) for layer in layers]
+
+    def spatial(self, ctx, b: int, cols: Tensor) -> Tensor:
+        """`[V]` SAP scores of sample b's visual columns `cols`, from their positions in their image's layout."""
+        c = self.config
+        cache = ctx.memo.setdefault("atp_sap", {})
+        out = torch.zeros(cols.numel(), device=cols.device)
+        images = ctx.image[b, cols]
+        for img in images.unique().tolist():
+            if img not in cache:
+                h, w, views = ctx.grids[img]
+                cache[img] = spatial_scores(h, w, c.spatial_rates, c.spatial_lambda, views).to(cols.device)
+            sel = images == img
+            out[sel] = cache[img][ctx.layout[b, cols[sel]]]
+        return out
+
+    def select(self, ctx, n_keep: Tensor) -> Tensor:
+        keep = torch.zeros_like(ctx.visual)
+        text = ctx.text_after_visual()
+        thetas = torch.zeros(ctx.visual.shape[0], 2, device=keep.device)
+        for b in range(ctx.visual.shape[0]):
+            vis = ctx.visual[b].nonzero().squeeze(-1)  # [V]
+            if vis.numel() == 0 or int(n_keep[b]) == 0:
+                continue
+            q, k = ctx.q[b : b + 1], ctx.k[b : b + 1]  # [1, H, L, dh]
+            tcols = text[b].nonzero().squeeze(-1)
+            s_self, s_cross = importance_scores(q[:, :, vis], k[:, :, vis], q[:, :, tcols], scale=ctx.scale)
+            s_self, s_cross = minmax(s_self), minmax(s_cross)  # [1, V]
+            s_red = 0.5 * (s_self + s_cross)
+            s_sp = self.spatial(ctx, b, vis).unsqueeze(0)  # [1, V]
+            theta = self.thresholds[ctx.stage](s_self, s_cross)  # [1, 2]
+            kept = hard_keep(s_red, s_sp, theta, int(n_keep[b]))[0]  # [V]
+            keep[b, vis[kept]] = True
+            thetas[b] = theta[0]
+        ctx.memo.setdefault("atp_theta", {})[ctx.stage] = thetas
+        return keep
+
+
 __all__ = [
     "ATP",
     "ATPConfig",
+    "ATPInLLM",
+    "ATPInLLMConfig",
     "ATPThresholds",
     "atp_loss",
     "hard_keep",

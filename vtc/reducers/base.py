@@ -45,6 +45,8 @@ class Reducer(nn.Module):
             sum_k weights_k * tokens_k equals the sum of the assigned inputs.
         stochastic: outputs depend on the random state (same seed → same output, but no batch independence).
         stage: "pre_llm" for reducers that act on visual tokens before the LLM.
+        in_llm_stage: registry name of the method's own second stage inside the LLM (ToDRE, ATP), run after
+            this reducer by `vtc.compress(model, name, budget=..., in_llm=True)`; None if the paper has none.
     """
 
     name: ClassVar[str] = ""
@@ -56,6 +58,7 @@ class Reducer(nn.Module):
     conserves_mass: ClassVar[bool] = True
     stochastic: ClassVar[bool] = False
     stage: ClassVar[str] = "pre_llm"
+    in_llm_stage: ClassVar[str | None] = None
 
     def __init__(self, config: ReducerConfig | None = None) -> None:
         super().__init__()
@@ -168,24 +171,58 @@ class Reducer(nn.Module):
         return s, s
 
 
+@dataclass
+class StageDecision:
+    """What an in-LLM reducer decides at one stage (all `[B, L]` over the current, already reduced, columns).
+
+    Attributes:
+        keep: `[B, L]` bool, the visual columns that stay (visual columns not in it are dropped; text always stays).
+        host: `[B, M]` int64, a dropped visual column per recycled token (it is kept and holds that token from this
+            layer on, at the column's position), -1 for padding. None: no recycling.
+        value: `[B, M, D]` the recycled hidden states written at `host`.
+        group: `[B, L]` int64, the recycled token (0..M-1) each dropped column was aggregated into, -1 if none.
+    """
+
+    keep: Tensor
+    host: Tensor | None = None
+    value: Tensor | None = None
+    group: Tensor | None = None
+
+
 class InLLMReducer(Reducer):
-    """Base of the methods that drop visual tokens inside the LLM (FastV, PDrop, DART, ...).
+    """Base of the methods that drop visual tokens inside the LLM (FastV, PDrop, DART, SparseVLM, ...).
 
     They run through a model adapter (`vtc.compress(model, name, budget=...)`), which calls `plan` once per prefill
-    and `score` at each stage with a `vtc.adapters.in_llm.LayerContext` (q/k of the layer before the stage, hidden
-    states, which columns are visual). `budget` is the number of visual tokens kept after the last stage unless a
-    method says otherwise; the adapter reports the effective (layer-averaged) count.
+    and sample, and `select` at each stage with a `vtc.adapters.in_llm.LayerContext` (q/k of the layer before the
+    stage, hidden states, which columns are visual). `budget` is the number of visual tokens kept after the last
+    stage unless a method says otherwise (adaptive methods: at most); a full budget prunes nothing. The adapter
+    reports the effective (layer-averaged) count.
+
+    Class attributes:
+        composed_budget: the in-LLM budget used when this stage runs after a pre-LLM reducer
+            (`vtc.compress(model, pre, budget=..., in_llm=name)`) and no `in_llm_budget` is given.
     """
 
     stage = "in_llm"
+    composed_budget: ClassVar[int | float] = 0.5
 
     def plan(self, n_visual: int, k: int, num_layers: int) -> list[tuple[int, int]]:
-        """`[(layer, visual tokens kept from that layer on), ...]`, layers ascending, counts non-increasing."""
+        """`[(layer, visual tokens kept from that layer on), ...]`, layers ascending, counts non-increasing.
+
+        Adaptive methods return the most tokens a stage may keep. The layers must not depend on `n_visual`.
+        """
         raise NotImplementedError
 
     def score(self, ctx: Any) -> Tensor:
         """`[B, L]` importance of every column at a stage (only visual columns are read; higher is kept)."""
         raise NotImplementedError
+
+    def select(self, ctx: Any, n_keep: Tensor) -> StageDecision | Tensor:
+        """The columns kept at a stage: by default the `n_keep[b]` (`[B]`) highest-scoring visual columns.
+
+        Returns a `StageDecision` (or just its `keep` mask); at most `n_keep[b]` visual columns may be kept.
+        """
+        return top_visual(self.score(ctx).float(), ctx.visual, n_keep)
 
     def forward(self, tokens: Any, budget: int | float, query: Any = None) -> Selection:
         raise TypeError(
@@ -197,6 +234,30 @@ class InLLMReducer(Reducer):
         if not 1 <= layer < num_layers:
             raise self._fail(f"layer={layer} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM")
         return layer
+
+    def _layers_at(
+        self, layers: tuple[int, ...] | None, fractions: tuple[float, ...], num_layers: int, option: str = "layers"
+    ) -> list[int]:
+        """Explicit `layers`, or `fractions` of the LLM's depth (rounded); checked, strictly increasing."""
+        if layers is None:
+            layers = tuple(max(1, min(num_layers - 1, round(num_layers * f))) for f in fractions)
+            if len(set(layers)) != len(layers):
+                raise self._fail(
+                    f"its default layers collapse to {layers} on a {num_layers}-layer LLM; pass {option} "
+                    f"({len(fractions)} strictly increasing layers in [1, {num_layers - 1}])"
+                )
+        out = [self._check_layer(int(x), num_layers) for x in layers]
+        if out != sorted(set(out)):
+            raise self._fail(f"layers={tuple(layers)} must be strictly increasing")
+        return out
+
+
+def top_visual(scores: Tensor, visual: Tensor, n_keep: Tensor) -> Tensor:
+    """`[B, L]` bool: the `n_keep[b]` highest `scores` among the `visual` columns of each row (ties: lower column)."""
+    s = scores.masked_fill(~visual, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = order.argsort(-1)  # rank of every column
+    return visual & (rank < n_keep.unsqueeze(-1))
 
 
 def identity_selection(x: Tensor) -> Selection:
