@@ -1,5 +1,6 @@
 """Benchmarks for `vtc eval`: the procedural `vtc-shapes` family and loaders for real benchmark files."""
 
+from . import gqa, mme, pope, scienceqa, shapes, textvqa  # noqa: E402,F401  (registers the benchmarks)
 from .base import BENCHMARKS as BENCHMARKS
 from .base import Benchmark as Benchmark
 from .base import Sample as Sample

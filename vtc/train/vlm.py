@@ -87,8 +87,8 @@ def build_tokenizer():
     return fast
 
 
-def build_model(family: str, vocab_size: int):
-    """The tiny architecture of each family (random weights)."""
+def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE):
+    """The tiny architecture of each family (random weights); `image_size` only matters for LLaVA's CLIP."""
     check_family(family)
     text = dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -100,7 +100,7 @@ def build_model(family: str, vocab_size: int):
 
         vision = CLIPVisionConfig(
             hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=8, projection_dim=96,
+            image_size=image_size, patch_size=8, projection_dim=96,
         )  # fmt: skip
         cfg = LlavaConfig(
             vision_config=vision, text_config=LlamaConfig(**text), image_token_id=SPECIAL.index("<image>"),
@@ -120,13 +120,13 @@ def build_model(family: str, vocab_size: int):
     return Qwen2VLForConditionalGeneration(cfg)
 
 
-def build_processor(family: str, tokenizer):
+def build_processor(family: str, tokenizer, image_size: int = IMAGE_SIZE):
     check_family(family)
     if family == "llava":
         from transformers import CLIPImageProcessor, LlavaProcessor
 
         ip = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
         )  # fmt: skip
         return LlavaProcessor(
@@ -136,7 +136,7 @@ def build_processor(family: str, tokenizer):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     kw = dict(patch_size=8, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-              min_pixels=32 * 32, max_pixels=768 * 768)  # fmt: skip
+              min_pixels=32 * 32, max_pixels=768**2 if image_size == IMAGE_SIZE else image_size**2)  # fmt: skip
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**kw),
         tokenizer=tokenizer,
