@@ -176,7 +176,7 @@ def _timed_reducer(model) -> Iterator[list[float]]:
 
         return timed
 
-    for name in ("forward", "plan", "score", "decide"):
+    for name in ("forward", "plan", "score", "select", "decide"):
         fn = getattr(red, name, None)
         if callable(fn):
             saved[name] = red.__dict__.get(name)
@@ -263,6 +263,7 @@ def run_eval(cfg: EvalConfig, model=None, processor=None, bench: Benchmark | Non
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     res_path = out / ("results.jsonl" if world == 1 else f"results.rank{rank}.jsonl")
+    (out / f"errors.rank{rank}.json").unlink(missing_ok=True)  # a resumed run reports its own failures
     (out / "config.json").write_text(json.dumps({**cfg.__dict__, "out": str(out)}, default=str, indent=1))
     n = len(bench) if cfg.limit is None else min(cfg.limit, len(bench))
     mine = [i for i in range(n) if i % world == rank]

@@ -1,10 +1,10 @@
 """The `vtc` command line.
 
-    vtc eval --model tiny-llava-shapes --bench shapes --methods all --budgets 16,32,64,128,192
-    vtc train vlm llava --out assets/tiny-llava-shapes
-    vtc train tokenizer flextok
-    vtc viz --image photo.png --method divprune --budget 64 --out kept.png
-    vtc list [reducers|benchmarks|tokenizers|models]
+vtc eval --model tiny-llava-shapes --bench shapes --methods all --budgets 16,32,64,128,192
+vtc train vlm llava --out assets/tiny-llava-shapes
+vtc train tokenizer flextok
+vtc viz --image photo.png --method divprune --budget 64 --out kept.png
+vtc list [reducers|benchmarks|tokenizers|models]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _eval_parser(sub) -> None:
@@ -20,7 +21,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model", default="tiny-llava-shapes", help="assets name, local folder or hub id")
     p.add_argument("--bench", default="shapes", help="benchmark name (vtc list benchmarks)")
     p.add_argument("--bench-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="benchmark option, e.g. --bench-arg path=~/data/pope --bench-arg split=adversarial")  # fmt: skip
+                   help="benchmark option, e.g. --bench-arg path=~/data/pope")  # fmt: skip
     p.add_argument("--methods", default="all", help="comma-separated names or wildcards, or 'all'")
     p.add_argument("--budgets", default="16,32,64,128,192", help="tokens per image (ints) or fractions")
     p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
@@ -69,6 +70,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     rows = run_eval(cfg)
     if rows:
         print(markdown_table(rows))
+    out = Path(cfg.out or Path("runs") / "eval" / f"{Path(cfg.model).name}-{cfg.bench}")
+    for f in sorted(out.glob("errors.rank*.json")):
+        for run, err in json.loads(f.read_text()).items():
+            print(f"not run: {run}: {err}")
     return 0
 
 
