@@ -6,6 +6,9 @@ from .reducers import ReducerConfig as ReducerConfig
 from .reducers import create_reducer as create_reducer
 from .reducers import list_reducers as list_reducers
 from .reducers import register_reducer as register_reducer
+from .tokenizers import TokenizedImages as TokenizedImages
+from .tokenizers import create_tokenizer as create_tokenizer
+from .tokenizers import list_tokenizers as list_tokenizers
 from .types import Query as Query
 from .types import Selection as Selection
 from .types import VisualTokens as VisualTokens

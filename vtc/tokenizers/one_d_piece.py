@@ -1,0 +1,89 @@
+"""One-D-Piece: an image tokenizer meets quality-controllable compression.
+
+Miwa et al., "One-D-Piece: Image Tokenizer Meets Quality-Controllable Compression", arXiv 2501.10064; reference code
+github.com/turingmotors/One-D-Piece (TiTok with Tail Token Drop).
+
+What is implemented, as in the paper:
+- TiTok's encoder: K learned latent tokens appended to the image patches under **bidirectional** attention (so,
+  unlike FlexTok, a prefix is taken from a full K-token encode: `encode(x, num_tokens=k)` encodes K and keeps the
+  first k), a linear projection to `vq_dim` and a **VQ** codebook (l2-normalised lookup, commitment 0.25;
+  `quantizers.VectorQuantizer`);
+- **Tail Token Drop** in training: one length n ~ U{1..K} is drawn **per batch** and the decoder receives only the
+  first n quantised tokens with the position embeddings sliced to [:n]. The tail is **removed** from the decoder
+  sequence (length N + n), not replaced by a mask token; the decoder has no mask token at all.
+
+Pinned simplifications at this scale: single-stage training with pixel MSE (+ the VQ loss) through a linear patch
+head, instead of the paper's two stages (proxy codes of a frozen MaskGIT-VQGAN, then pixel decoder fine-tuning with
+perceptual and GAN losses); the ViT sizes are tiny (`TokenizerConfig` defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import TokenizedImages, Tokenizer1D, TokenizerConfig, register_tokenizer
+from .core import LatentEncoder, PixelDecoder
+from .quantizers import build_quantizer
+
+
+@dataclass
+class OneDPieceConfig(TokenizerConfig):
+    quantizer: str = "vq"  # One-D-Piece (TiTok) uses VQ
+    pos_embed: str = "learned"  # TiTok's learned patch position embedding
+
+
+@register_tokenizer("one_d_piece", config=OneDPieceConfig)
+class OneDPiece(Tokenizer1D):
+    """TiTok with Tail Token Drop: bidirectional encoder, VQ tokens, decoder that drops the tail."""
+
+    paper = "arXiv 2501.10064"
+
+    def __init__(self, config: OneDPieceConfig | None = None) -> None:
+        super().__init__(config)
+        c = self.config
+        self.encoder = LatentEncoder(
+            c.image_size, c.patch_size, c.width, c.enc_depth, c.num_heads, c.num_tokens, c.mlp_ratio,
+            register_attention="full", pos_embed=c.pos_embed,
+        )  # fmt: skip
+        self.to_code = nn.Linear(c.width, c.code_dim)
+        self.quantizer = build_quantizer(
+            c.quantizer, c.fsq_levels, c.vq_codebook_size, c.vq_dim, c.vq_commitment, c.vq_restart_after
+        )
+        self.decoder = PixelDecoder(
+            c.image_size, c.patch_size, c.width, c.dec_depth, c.num_heads, c.num_tokens, c.code_dim, c.mlp_ratio,
+            tail="remove",
+        )  # fmt: skip
+
+    def encode(self, images: Tensor, num_tokens: int | None = None) -> TokenizedImages:
+        """The first `num_tokens` (default K) of the K tokens of `images [B, 3, S, S]` in [0, 1]."""
+        x = self.check_images(images)
+        k = self.check_num_tokens(num_tokens)
+        feats = self.encoder(x)  # [B, K, w]: bidirectional, so always all K latents
+        _, ids, _ = self.quantizer(self.to_code(feats))
+        return TokenizedImages(ids[:, :k], None, feats[:, :k])
+
+    def decode(self, tokens: TokenizedImages | Tensor) -> Tensor:
+        """Images `[B, 3, S, S]` in [0, 1] from the first n tokens; the missing tail is removed, not masked."""
+        t = self.check_tokens(tokens, self.quantizer.codebook_size)
+        codes = self.quantizer.ids_to_codes(t.ids).to(self.to_code.weight.dtype)  # [B, n, d]
+        return self.to_unit(self.decoder(codes, t.mask))
+
+    def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = self.check_images(images)
+        k_max = self.config.num_tokens
+        feats = self.encoder(x)
+        codes, _, qloss = self.quantizer(self.to_code(feats))  # [B, K, d]
+        n = int(torch.randint(1, k_max + 1, ())) if self.config.tail_dropout else k_max  # one length per batch
+        rec = self.decoder(codes[:, :n])  # Tail Token Drop: the decoder sequence is N + n long
+        loss = F.mse_loss(rec, x)
+        total = loss + qloss
+        return total, {
+            "loss": float(total.detach()),
+            "rec": float(loss.detach()),
+            "vq": float(qloss.detach()),
+            "n": float(n),
+        }

@@ -1,0 +1,310 @@
+"""Train a 1-D tokenizer (`flextok`, `one_d_piece`, `karl`) on the procedural image stream, resumably.
+
+    vtc train tokenizer flextok --out assets/tokenizers/flextok --minutes 60 --threads 2
+    python -m vtc.train.tokenizer flextok --out assets/tokenizers/flextok --minutes 60 --threads 2   # same
+
+Every `save_every` steps the run writes `<out>/checkpoint/` (model.safetensors + config.json, the AdamW state as
+optimizer.safetensors, the torch RNG state and the step in trainer_state.json); a rerun with the same `out` resumes
+from it bit for bit (batches are a pure function of the step, model randomness comes from the restored RNG). At the
+end the model is saved to `<out>/` (`vtc.create_tokenizer(name, pretrained=<out>)` loads it), with `log.jsonl`
+(one line per logged step) and `eval.json` (held-out PSNR for token prefixes 1, 2, 4, ..., K).
+
+`--no-tail-dropout` trains the same model on the full K tokens only (the TiTok-like ablation); its default output
+directory is `assets/tokenizers/<name>_no_tail_dropout`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..tokenizers import Tokenizer1D, create_tokenizer, list_tokenizers
+from ..tokenizers.base import ASSETS_DIR
+from ..tokenizers.data import synthetic_batch, synthetic_images
+
+CKPT = "checkpoint"
+
+
+def default_out_dir(name: str, tail_dropout: bool = True) -> Path:
+    return ASSETS_DIR / (name if tail_dropout else f"{name}_no_tail_dropout")
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW state as flat tensors (`state.<param index>.<key>`) plus the JSON-able param-group settings."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            tensors[f"state.{pid}.{key}"] = t.detach().contiguous()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    out: Path, model: Tokenizer1D, opt: torch.optim.Optimizer, step: int, elapsed: float, extra: dict[str, Any]
+) -> None:
+    """Write `<out>/checkpoint/` atomically (a temporary directory renamed over the old one)."""
+    tmp = out / f"{CKPT}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tensors, meta = _optimizer_tensors(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    state = {"step": step, "elapsed_s": elapsed, "optimizer": meta, **extra}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
+    final = out / CKPT
+    old = out / f"{CKPT}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+@torch.no_grad()
+def prefix_psnr(model: Tokenizer1D, images: torch.Tensor, batch: int = 64) -> dict[int, float]:
+    """Mean PSNR (dB, images in [0, 1]) of reconstructions from the first k tokens, k = 1, 2, 4, ..., K."""
+    k_max = model.config.num_tokens
+    ks = sorted({2**i for i in range(int(math.log2(k_max)) + 1)} | {k_max})
+    was_training = model.training
+    model.eval()
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for k in ks:
+        vals = []
+        for i in range(0, images.shape[0], batch):
+            x = images[i : i + batch]
+            tok = model.encode(x, num_tokens=k)
+            rec = model.decode(tok, generator=gen) if model.name == "flextok" else model.decode(tok)
+            mse = ((rec - x) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
+            vals.append(-10 * torch.log10(mse))
+        out[k] = float(torch.cat(vals).mean())
+    model.train(was_training)
+    return out
+
+
+def train_tokenizer(
+    name: str,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    minutes: float | None = None,
+    steps: int | None = None,
+    threads: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    warmup: int = 200,
+    grad_clip: float = 1.0,
+    save_every: int = 500,
+    log_every: int = 50,
+    tail_dropout: bool = True,
+    eval_images: int = 256,
+    config: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Train tokenizer `name` until `steps` total steps or `minutes` of wall time (this run), whichever comes first.
+
+    Resumes from `<out_dir>/checkpoint/` when present (the saved config wins; a different `config` raises).
+    Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
+    """
+    if minutes is None and steps is None:
+        raise ValueError("give steps=... or minutes=... (or both) so that training stops")
+    if steps is not None and steps < 0:
+        raise ValueError(f"steps={steps} must be >= 0")
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(name, tail_dropout)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    say = log or (lambda s: None)
+
+    cfg = dict(config or {})
+    cfg["tail_dropout"] = tail_dropout
+    ckpt = out / CKPT
+    start_step, elapsed_before = 0, 0.0
+    if (ckpt / "trainer_state.json").is_file():
+        model = create_tokenizer(name, pretrained=ckpt)
+        saved = model.config.to_dict()
+        for k, v in cfg.items():
+            sv = saved.get(k)
+            if (list(v) if isinstance(v, (list, tuple)) else v) != (list(sv) if isinstance(sv, (list, tuple)) else sv):
+                raise ValueError(
+                    f"{ckpt} was trained with {k}={sv!r}, not {v!r}; use another --out or delete the checkpoint"
+                )
+        model.train()
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        if (state.get("seed", seed), state.get("batch_size", batch_size)) != (seed, batch_size):
+            say(f"[{name}] resuming with the checkpoint's seed={state['seed']}, batch_size={state['batch_size']}")
+            seed, batch_size = int(state["seed"]), int(state["batch_size"])
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+        _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_rng"])
+        say(f"[{name}] resumed from {ckpt} at step {start_step}")
+    else:
+        torch.manual_seed(seed)
+        model = create_tokenizer(name, **cfg)
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
+        say(f"[{name}] new model, {model.num_params() / 1e6:.2f}M params, config {model.config.to_dict()}")
+
+    c = model.config
+    deadline = None if minutes is None else time.monotonic() + 60 * minutes
+    total = steps if steps is not None else None
+    step = start_step
+    t0 = time.monotonic()
+    last_logs: dict[str, float] = {}
+    log_path = out / "log.jsonl"
+    window: list[float] = []
+    while (total is None or step < total) and (deadline is None or time.monotonic() < deadline):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        x = synthetic_batch(step, batch_size, c.image_size, seed)
+        loss, logs = model.training_loss(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        step += 1
+        window.append(logs["loss"])
+        last_logs = logs
+        if step % log_every == 0 or step == total:
+            run_s = time.monotonic() - t0
+            rec = {
+                "step": step,
+                "s_per_step": run_s / (step - start_step),
+                **{k: round(v, 5) for k, v in logs.items()},
+            }
+            rec["loss_avg"] = sum(window) / len(window)
+            window.clear()
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            say(f"[{name}] step {step} loss {rec['loss_avg']:.4f} ({rec['s_per_step']:.3f} s/step)")
+        if step % save_every == 0:
+            save_checkpoint(
+                out,
+                model,
+                opt,
+                step,
+                elapsed_before + time.monotonic() - t0,
+                {"seed": seed, "batch_size": batch_size, "lr": lr},
+            )
+    run_s = time.monotonic() - t0
+    if step > start_step:
+        save_checkpoint(
+            out, model, opt, step, elapsed_before + run_s, {"seed": seed, "batch_size": batch_size, "lr": lr}
+        )
+    model.eval()
+    model.save_pretrained(out)
+    summary: dict[str, Any] = {
+        "name": name,
+        "steps": step,
+        "steps_this_run": step - start_step,
+        "s_per_step": run_s / max(step - start_step, 1),
+        "threads": threads,
+        "last": last_logs,
+        "out": str(out),
+    }
+    if eval_images > 0:
+        held_out, _ = synthetic_images(eval_images, c.image_size, seed=seed + 10_000)
+        summary["psnr_by_tokens"] = prefix_psnr(model, held_out)
+        say(
+            f"[{name}] held-out PSNR by tokens: "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in summary["psnr_by_tokens"].items())
+        )
+    (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Mount `tokenizer` under a `train` command's subparsers (the parser's `func` is `main`)."""
+    p = subparsers.add_parser(
+        "tokenizer",
+        help="train a 1-D image tokenizer (resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", choices=list_tokenizers(), help="tokenizer to train")
+    p.add_argument("--out", default=None, help="output directory (default assets/tokenizers/<name>[_no_tail_dropout])")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run")
+    p.add_argument("--steps", type=int, default=None, help="total steps (counting resumed ones)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (use the number of free cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--eval-images", type=int, default=256, help="held-out images for the final PSNR curve (0 = skip)")
+    p.add_argument("--no-tail-dropout", action="store_true", help="ablation: always train on all K tokens")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config field, e.g. --set width=96 (JSON values)",
+    )
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    config = {}
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set width=96")
+        k, v = item.split("=", 1)
+        config[k.strip()] = _parse_value(v)
+    if args.minutes is None and args.steps is None:
+        raise SystemExit("give --minutes and/or --steps so that training stops")
+    return train_tokenizer(
+        args.name,
+        args.out,
+        minutes=args.minutes,
+        steps=args.steps,
+        threads=args.threads,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        save_every=args.save_every,
+        log_every=args.log_every,
+        tail_dropout=not args.no_tail_dropout,
+        eval_images=args.eval_images,
+        config=config,
+    )
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m vtc.train.tokenizer")
+    _sub = _parser.add_subparsers(dest="command", required=True)
+    add_parser(_sub)
+    import sys
+
+    main(_parser.parse_args(["tokenizer", *sys.argv[1:]]))
