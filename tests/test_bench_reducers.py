@@ -23,8 +23,15 @@ def _csv(out) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _no_timing(*args, **kwargs):
-    raise AssertionError("a row already in the CSV was measured again")
+class _CountCalls:
+    """Stands in for `time_call`; the bench catches exceptions per method, so raising would go unnoticed."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        raise RuntimeError("a row already in the CSV was measured again")
 
 
 def test_quick_run_writes_rows_and_resumes(tmp_path, monkeypatch, capsys):
@@ -52,8 +59,10 @@ def test_quick_run_writes_rows_and_resumes(tmp_path, monkeypatch, capsys):
     assert "| downsample | 8x8 | 64 | 16 | cpu | float32 | 1 | 8 | 8.0 |" in md
     assert "| random | 8x8 |" in capsys.readouterr().out  # the table is printed too
 
-    monkeypatch.setattr(bench, "time_call", _no_timing)
+    counter = _CountCalls()
+    monkeypatch.setattr(bench, "time_call", counter)
     assert bench.main([*ARGS, "--out", str(out)]) == []  # everything done: nothing is timed
+    assert counter.calls == 0
     assert _csv(out) == saved
     monkeypatch.undo()
 
