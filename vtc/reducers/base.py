@@ -4,6 +4,13 @@ A reducer is an `nn.Module` whose `forward(tokens, budget, query=None)` returns 
 does everything that is the same for every method — input checks with errors that name the reducer and the bad
 value, the budget rule (`vtc.budget`), the query contract, the identity at full budget — and calls the method's
 `_reduce(vt, k, query)` with a validated `VisualTokens`, the resolved count `k < N` and a `Query` or None.
+
+When `VisualTokens.valid` marks tokens that do not exist in the model's sequence (and not every token is valid),
+the base class resolves the budget per sample against the valid count (`vtc.budget.resolve_budgets`) and calls
+`_reduce_valid(vt, ks, query)` instead, `ks` `[B]` int64 with 1 <= ks[b] <= valid count of sample b (not all
+equal to it: keeping every valid token is the base class's identity on the valid tokens). Every method must then
+keep (or merge) only valid tokens, ks[b] of them (at most, for adaptive methods), padding the shorter rows of the
+`Selection` (`mask` False at the end). A method that does not implement `_reduce_valid` raises a clear error.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..budget import resolve_budget
+from ..budget import resolve_budget, resolve_budgets
+from ..ops.select import keep_mask_to_indices, pruned_selection
 from ..registry import Registry
 from ..types import Query, Selection, VisualTokens
 
@@ -82,6 +90,12 @@ class Reducer(nn.Module):
         q = self._check_query(query, vt)
         n = vt.tokens.shape[1]
         k = resolve_budget(budget, n, who=self.name)
+        if vt.valid is not None:
+            counts = vt.valid.sum(-1)  # [B]
+            ks = resolve_budgets(budget, counts, n, who=self.name)
+            if bool((ks == counts).all()):  # every valid token kept: the valid tokens themselves
+                return self._valid_identity(vt)
+            return self._reduce_valid(vt, ks, q)
         if k == n:  # full budget: the untouched input, bit for bit, for every method
             sel = identity_selection(vt.tokens)
             if self.merges:  # every input is its own group of size 1
@@ -92,6 +106,23 @@ class Reducer(nn.Module):
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
         raise NotImplementedError
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        """`_reduce` when `vt.valid` is set: sample b keeps `ks[b]` of its valid tokens, never an invalid one."""
+        raise self._fail(
+            "does not support VisualTokens.valid (tokens absent from the model's sequence); "
+            "implement _reduce_valid or pass valid=None"
+        )
+
+    def _valid_identity(self, vt: VisualTokens) -> Selection:
+        """Every valid token kept, in order; rows padded to the largest valid count."""
+        idx, mask = keep_mask_to_indices(vt.valid)
+        sel = pruned_selection(vt.tokens, idx, mask)
+        if self.merges:  # every valid input is its own group of size 1, invalid inputs go nowhere
+            sel.weights = mask.float()
+            rank = vt.valid.long().cumsum(-1) - 1
+            sel.assignment = rank.masked_fill(~vt.valid, -1)
+        return sel
 
     # ------------------------------------------------------------------ validation
     def _fail(self, msg: str) -> ValueError:
@@ -132,12 +163,29 @@ class Reducer(nn.Module):
                 vt = dataclasses.replace(vt, cls_attn=a.unsqueeze(1))
             elif a.dim() != 3 or a.shape[0] != b or a.shape[2] != n:
                 raise self._fail(f"VisualTokens.cls_attn must be [B={b}, heads, N={n}], got {tuple(a.shape)}")
+        if vt.valid is not None:
+            vt = self._check_valid(vt)
         per_view = n // vt.num_views()
         if per_view * vt.num_views() != n:
             raise self._fail(f"N={n} tokens do not split into {vt.num_views()} equal views/frames")
         if vt.grid is not None and vt.grid[0] * vt.grid[1] != per_view:
             raise self._fail(f"grid={vt.grid} has {vt.grid[0] * vt.grid[1]} cells but each view has {per_view} tokens")
         return vt
+
+    def _check_valid(self, vt: VisualTokens) -> VisualTokens:
+        """`valid` must be a `[B, N]` bool tensor with a valid token in every sample; all-True becomes None."""
+        v, (b, n, _) = vt.valid, vt.tokens.shape
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{self.name}: VisualTokens.valid must be a [B, N] bool tensor, got {type(v).__name__}")
+        if v.dtype != torch.bool:
+            raise self._fail(f"VisualTokens.valid must be a bool tensor, got dtype {v.dtype}; pass valid.bool()")
+        if tuple(v.shape) != (b, n):
+            raise self._fail(f"VisualTokens.valid must be [B={b}, N={n}], got {tuple(v.shape)}")
+        v = v.to(vt.tokens.device)
+        empty = (~v.any(-1)).nonzero().squeeze(-1).tolist()
+        if empty:
+            raise self._fail(f"VisualTokens.valid marks no token of sample(s) {empty} as valid; each needs one")
+        return dataclasses.replace(vt, valid=None if bool(v.all()) else v)
 
     def _check_query(self, query: Tensor | Query | None, vt: VisualTokens) -> Query | None:
         if query is None:
@@ -238,14 +286,25 @@ class InLLMReducer(Reducer):
     def _layers_at(
         self, layers: tuple[int, ...] | None, fractions: tuple[float, ...], num_layers: int, option: str = "layers"
     ) -> list[int]:
-        """Explicit `layers`, or `fractions` of the LLM's depth (rounded); checked, strictly increasing."""
+        """Explicit `layers`, or `fractions` of the LLM's depth (rounded); checked, strictly increasing.
+
+        On a shallow LLM the rounded defaults can coincide: they are then spread to the nearest strictly increasing
+        layers in [1, num_layers - 1] (each pushed up past its predecessor, then back below the top), and only when
+        there are fewer usable layers than stages is it an error.
+        """
         if layers is None:
-            layers = tuple(max(1, min(num_layers - 1, round(num_layers * f))) for f in fractions)
-            if len(set(layers)) != len(layers):
+            rounded = [max(1, min(num_layers - 1, round(num_layers * f))) for f in fractions]
+            spread = list(rounded)
+            for i in range(1, len(spread)):
+                spread[i] = max(spread[i], spread[i - 1] + 1)
+            for i in range(len(spread) - 1, -1, -1):
+                spread[i] = min(spread[i], num_layers - 1 - (len(spread) - 1 - i))
+            if spread and spread[0] < 1:
                 raise self._fail(
-                    f"its default layers collapse to {layers} on a {num_layers}-layer LLM; pass {option} "
+                    f"its default layers collapse to {tuple(rounded)} on a {num_layers}-layer LLM; pass {option} "
                     f"({len(fractions)} strictly increasing layers in [1, {num_layers - 1}])"
                 )
+            layers = tuple(spread)
         out = [self._check_layer(int(x), num_layers) for x in layers]
         if out != sorted(set(out)):
             raise self._fail(f"layers={tuple(layers)} must be strictly increasing")
