@@ -6,12 +6,19 @@
   at least 1. So 0.25 of 576 is 144, 1/9 of 576 is 64, and 1.0 is always N.
 
 Adaptive methods (ATP, QTSplus) treat k as the most tokens a sample may keep.
+
+When some tokens of a sample do not exist in the model's sequence (`VisualTokens.valid`), the budget is resolved
+against the sample's valid count M_b (`resolve_budgets`): an int k keeps min(k, M_b) tokens (k is still checked
+against N), a fraction r keeps floor(r * M_b + 1/2), at least 1.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+
+import torch
+from torch import Tensor
 
 
 def resolve_budget(budget: int | float, num_tokens: int, who: str = "reducer") -> int:
@@ -36,6 +43,18 @@ def resolve_budget(budget: int | float, num_tokens: int, who: str = "reducer") -
         hint = f" (did you mean the int {int(r)}?)" if r > 1 and r == int(r) else ""
         raise ValueError(f"{who}: budget={budget!r} as a fraction must lie in (0, 1]{hint}")
     return max(1, min(num_tokens, math.floor(r * num_tokens + 0.5)))
+
+
+def resolve_budgets(budget: int | float, counts: Tensor, num_tokens: int, who: str = "reducer") -> Tensor:
+    """Per-sample token counts `[B]` int64 for `budget` when sample b has `counts[b]` (>= 1) valid tokens of N.
+
+    The budget is checked against N (`resolve_budget`) and then resolved against each valid count.
+    """
+    k = resolve_budget(budget, num_tokens, who=who)
+    if isinstance(budget, numbers.Integral):
+        return counts.clamp(max=k).long()
+    out = [resolve_budget(float(budget), int(c), who=who) for c in counts.tolist()]
+    return torch.tensor(out, dtype=torch.long, device=counts.device)
 
 
 def split_budget(k: int, sizes: list[int]) -> list[int]:

@@ -9,6 +9,10 @@ Layout conventions, shared by every reducer and adapter:
 * With `frames=T` the N tokens are T frames of `h*w` tokens each.
 * Otherwise `grid=(h, w)` with `h*w == N`, row-major; `None` means "not a grid" (methods that need one
   then assume a square grid and say so if N is not a square).
+* `valid` (optional, `[B, N]` bool) marks the tokens that exist in the model's sequence; False marks a slot of the
+  layout the model never sees (LLaVA-NeXT's unpadding removes whole rows/columns of the crop canvas). Reducers
+  never keep or merge an invalid token, and a budget is resolved against each sample's valid count
+  (`vtc.budget.resolve_budgets`): an int k keeps min(k, valid) tokens, a fraction r of the valid tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class VisualTokens:
         grid: `(h, w)` of one view / frame.
         views: `(rows, cols)` crop layout of a high-resolution input, thumbnail first.
         frames: number of video frames.
+        valid: `[B, N]` bool, True for the tokens that exist in the model's sequence (None: all of them).
     """
 
     tokens: Tensor
@@ -42,6 +47,7 @@ class VisualTokens:
     grid: tuple[int, int] | None = None
     views: tuple[int, int] | None = None
     frames: int | None = None
+    valid: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -56,14 +62,14 @@ class VisualTokens:
         return VisualTokens(**out)
 
     def to(self, *args: Any, **kwargs: Any) -> VisualTokens:
-        return replace(
-            self,
-            **{
-                f.name: getattr(self, f.name).to(*args, **kwargs)
-                for f in fields(self)
-                if isinstance(getattr(self, f.name), Tensor)
-            },
-        )
+        """Floating-point fields to the given device/dtype; `valid` (bool) only follows the device."""
+        tokens = self.tokens.to(*args, **kwargs)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(tokens.device)
+        return replace(self, **out)
 
     def num_views(self) -> int:
         """Number of equally sized grids in the sequence (views or frames), 1 for a plain image."""

@@ -30,13 +30,17 @@ def facility_location_value(weights: Tensor, indices: Tensor, row_mask: Tensor |
     return cols.amax(dim=-1).sum(dim=-1)
 
 
-def greedy_coverage(weights: Tensor, k: int, row_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def greedy_coverage(
+    weights: Tensor, k: int, row_mask: Tensor | None = None, candidates: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Greedy maximisation of the facility-location coverage, k columns per sample.
 
     Args:
         weights: `[B, R, N]` nonnegative similarities of R rows to N candidate columns.
         k: columns to select, 1 <= k <= N.
         row_mask: `[B, R]` bool, False for padded rows (they contribute nothing); None: all rows count.
+        candidates: `[B, N]` bool, the columns that may be picked (None: all). Once a row's candidates are
+            exhausted its later picks (gain -inf) are meaningless: take a prefix (`vtc.ops.select.prefix_indices`).
     Returns:
         `order` `[B, k]` (selection order), `indices` `[B, k]` (the same set, ascending) and `gains` `[B, k]`
         (marginal gain of each pick, so `gains.cumsum(-1)` is f of each greedy prefix).
@@ -47,7 +51,9 @@ def greedy_coverage(weights: Tensor, k: int, row_mask: Tensor | None = None) -> 
     with torch.no_grad():
         w = _masked_weights(weights, row_mask)  # [B, R, N]
         cur = w.new_zeros(b, r)  # [B, R] best coverage of each row so far
-        taken = torch.zeros(b, n, dtype=torch.bool, device=w.device)  # [B, N]
+        taken = torch.zeros(b, n, dtype=torch.bool, device=w.device)  # [B, N] picked, or never to be picked
+        if candidates is not None:
+            taken = ~candidates.to(device=w.device, dtype=torch.bool)
         order = torch.empty(b, k, dtype=torch.long, device=w.device)
         gains = w.new_empty(b, k)
         buf = torch.empty_like(w)  # reused every step: the step is memory-bound, allocation doubled its time

@@ -42,20 +42,30 @@ def cosine_distance(x: Tensor) -> Tensor:
     return dist.diagonal_scatter(torch.zeros_like(dist[..., 0]), dim1=-2, dim2=-1)
 
 
-def nearest_neighbour_distance(dist: Tensor) -> Tensor:
-    """`[B, N, N]` distances → `[B, N]` distance of each point to its nearest *other* point (inf if N = 1)."""
+def nearest_neighbour_distance(dist: Tensor, valid: Tensor | None = None) -> Tensor:
+    """`[B, N, N]` distances → `[B, N]` distance of each point to its nearest *other* point (inf if none).
+
+    `valid` (`[B, N]` bool): only valid points count as neighbours.
+    """
     eye = torch.eye(dist.shape[-1], dtype=torch.bool, device=dist.device)
+    if valid is not None:
+        eye = eye | ~valid.unsqueeze(1)  # [B, N, N]: invalid columns are no one's neighbour
     return dist.masked_fill(eye, float("inf")).amin(dim=-1)
 
 
-def farthest_point_sampling(dist: Tensor, k: int, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def farthest_point_sampling(
+    dist: Tensor, k: int, first: Tensor | None = None, candidates: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Greedy max-min selection of k points per sample from a distance matrix.
 
     Args:
         dist: `[B, N, N]` symmetric distances (e.g. `cosine_distance(x)`).
         k: points to select, 1 <= k <= N.
         first: `[B]` int64 index of the first pick per sample; None picks the point with the largest
-            nearest-neighbour distance (DivPrune's rule).
+            nearest-neighbour distance (DivPrune's rule, among the candidates).
+        candidates: `[B, N]` bool, the points that may be picked (None: all). Only candidates are picked and
+            only they count as neighbours for the first pick; once a row's candidates are exhausted its later
+            picks are meaningless (take a prefix, `vtc.ops.select.prefix_indices`).
     Returns:
         `order` `[B, k]` (selection order: a run with a smaller k is a prefix of it) and `indices` `[B, k]`
         (the same set, ascending). Ties go to the lowest index.
@@ -65,12 +75,17 @@ def farthest_point_sampling(dist: Tensor, k: int, first: Tensor | None = None) -
         raise ValueError(f"farthest_point_sampling: k={k} must lie in [1, N={n}]")
     with torch.no_grad():
         if first is None:
-            first = nearest_neighbour_distance(dist).argmax(dim=-1)  # [B]
+            nn_dist = nearest_neighbour_distance(dist, candidates)  # [B, N]
+            if candidates is not None:
+                nn_dist = nn_dist.masked_fill(~candidates, float("-inf"))
+            first = nn_dist.argmax(dim=-1)  # [B]
         first = first.to(device=dist.device, dtype=torch.long)
         order = torch.empty(b, k, dtype=torch.long, device=dist.device)
         order[:, 0] = first
-        # Distance of every candidate to the selected set; selected points are pinned to -inf.
+        # Distance of every candidate to the selected set; selected points (and non-candidates) are pinned to -inf.
         min_dist = dist.gather(1, first.view(b, 1, 1).expand(b, 1, n)).squeeze(1)  # [B, N]
+        if candidates is not None:
+            min_dist = min_dist.masked_fill(~candidates, float("-inf"))
         min_dist = min_dist.scatter(1, first.view(b, 1), float("-inf"))
         for step in range(1, k):
             j = min_dist.argmax(dim=-1)  # [B], first maximum = lowest index

@@ -7,6 +7,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..budget import split_budget
+from .valid import valid_rectangle
+
 
 def factor_grid(k: int, h: int, w: int, max_aspect_error: float = 2.0) -> tuple[int, int] | None:
     """The factorisation k = kh·kw (kh ≤ h, kw ≤ w) whose aspect is closest to h/w, or None if none is within
@@ -45,6 +48,41 @@ def uniform_grid_indices(k: int, h: int, w: int) -> Tensor:
     if m > k:
         lattice = lattice[((torch.arange(k) + 0.5) * m / k).floor().long()]
     return lattice
+
+
+def valid_lattice(k: int, h: int, w: int, valid: Tensor) -> Tensor:
+    """k of the valid cells (`valid: [h*w]` bool) of an h×w grid, spread uniformly, ascending, `[k]` int64.
+
+    When the valid cells form a full rectangle (unpadding removes whole rows/columns), the `uniform_grid_indices`
+    lattice is laid on that rectangle. Otherwise the valid cells are taken in row-major order and k of them at even
+    steps along it (cell ⌊(i + 1/2)·M/k⌋ of the M valid ones).
+    """
+    m = int(valid.sum())
+    if not 1 <= k <= m:
+        raise ValueError(f"cannot place {k} points on {m} valid cells of a {h}x{w} grid")
+    rect = valid_rectangle(valid, h, w)
+    if rect is not None:
+        r0, c0, hh, ww = rect
+        lat = uniform_grid_indices(k, hh, ww)  # row-major within the rectangle: stays ascending on the grid
+        return (r0 + lat // ww) * w + c0 + lat % ww
+    cells = valid.nonzero().squeeze(-1).cpu()  # [M] ascending
+    return cells[((torch.arange(k) + 0.5) * m / k).floor().long()]
+
+
+def view_lattice(k: int, h: int, w: int, views: int = 1, valid: Tensor | None = None) -> Tensor:
+    """k positions spread uniformly over `views` consecutive h×w grids, ascending, `[k]` int64 (on the CPU).
+
+    The budget is split over the views in proportion to their (valid) cells (`vtc.budget.split_budget`), and each
+    view with a share gets `uniform_grid_indices` (or `valid_lattice` when `valid: [views*h*w]` bool is given).
+    """
+    hw = h * w
+    if valid is None:
+        parts = [uniform_grid_indices(kv, h, w) + i * hw for i, kv in enumerate(split_budget(k, [hw] * views)) if kv]
+    else:
+        per_view = valid.reshape(views, hw).cpu()
+        shares = split_budget(k, per_view.sum(-1).tolist())
+        parts = [valid_lattice(kv, h, w, per_view[i]) + i * hw for i, kv in enumerate(shares) if kv]
+    return torch.cat(parts)
 
 
 def bin_edges(n: int, bins: int) -> Tensor:

@@ -22,6 +22,42 @@ def topk_ascending(scores: Tensor, k: int) -> Tensor:
     return order.sort(dim=-1).values
 
 
+def rank_valid_first(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """`[B, N]` rank of every score in its row, highest first, lower index first on ties; invalid tokens
+    (`valid` False) rank after every valid one, whatever their score."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [B, N]
+    if valid is not None:  # a stable sort on "is invalid" moves the valid tokens to the front, order kept
+        order = order.gather(1, torch.sort((~valid).gather(1, order).byte(), dim=-1, stable=True).indices)
+    return order.argsort(-1)
+
+
+def topk_per_row(scores: Tensor, ks: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The `ks[b]` highest valid scores of each row, ascending by position, padded (see `keep_mask_to_indices`).
+
+    Args:
+        scores: `[B, N]`.
+        ks: `[B]` int64 counts, each at most the row's valid count.
+        valid: `[B, N]` bool (None: all valid).
+    Returns:
+        `[B, Kmax]` int64 indices (padding 0) and `[B, Kmax]` bool mask. Ties go to the lower index.
+    """
+    keep = rank_valid_first(scores, valid) < ks.unsqueeze(-1)
+    return keep_mask_to_indices(keep)
+
+
+def prefix_indices(order: Tensor, ks: Tensor) -> tuple[Tensor, Tensor]:
+    """The first `ks[b]` entries of each row of a greedy selection `order` `[B, K]`, ascending and padded.
+
+    Greedy selections are nested (a run with a smaller k is a prefix), so one batched run to `max(ks)` serves
+    every row. Returns `[B, max(ks)]` int64 indices (padding 0) and their `[B, max(ks)]` bool mask.
+    """
+    kmax = int(ks.max())
+    mask = torch.arange(kmax, device=order.device) < ks.unsqueeze(-1)  # [B, kmax]
+    big = torch.iinfo(torch.long).max
+    idx = order[:, :kmax].masked_fill(~mask, big).sort(dim=-1).values
+    return idx.masked_fill(~mask, 0), mask
+
+
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     """`x[b, indices[b]]` for `x: [B, N, D]`, `indices: [B, K]` → `[B, K, D]`."""
     return x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

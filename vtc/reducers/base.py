@@ -9,8 +9,9 @@ When `VisualTokens.valid` marks tokens that do not exist in the model's sequence
 the base class resolves the budget per sample against the valid count (`vtc.budget.resolve_budgets`) and calls
 `_reduce_valid(vt, ks, query)` instead, `ks` `[B]` int64 with 1 <= ks[b] <= valid count of sample b (not all
 equal to it: keeping every valid token is the base class's identity on the valid tokens). Every method must then
-keep (or merge) only valid tokens, ks[b] of them (at most, for adaptive methods), padding the shorter rows of the
-`Selection` (`mask` False at the end). A method that does not implement `_reduce_valid` raises a clear error.
+keep (or merge) only valid tokens, ks[b] of them (at most, for adaptive methods; a sample whose ks[b] is its valid
+count keeps all of them, as at full budget), padding the shorter rows of the `Selection` (`mask` False at the end).
+A method that does not implement `_reduce_valid` raises a clear error.
 """
 
 from __future__ import annotations
