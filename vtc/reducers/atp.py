@@ -41,6 +41,11 @@ Pinned choices (the paper leaves these open or they are not verifiable without c
   threshold head and to the scores) is what a training adapter applies instead of dropping, and `info["theta"]`,
   `info["num_passed"]` (count before the cap) report the instance's thresholds. At the full budget the base class
   returns the identity and no scores are computed.
+* `VisualTokens.valid` (pre-LLM `atp`): S_self, S_cross, their min-max normalisation and the threshold MLP's means
+  run over the valid tokens only (the softmax of S_cross over the valid keys, the mean of S_self over the valid
+  queries), as if the invalid tokens were not in the input; SAP keeps the lattice of the full grid (the token's
+  position in the layout, as `atp_llm` does); invalid tokens are never kept (soft mask 0) and the cap is k_b (a
+  sample with k_b = M_b keeps every valid token, as the full budget does).
 * Loss: `kept` is `[B, L]` (soft counts Σ_j mask_j at the L pruning layers); "mean kept" is the mean over those
   layers; the result is averaged over the batch.
 * `atp_llm` layers (the paper does not let us verify its module positions): by default modules before layers
@@ -64,6 +69,7 @@ from torch import Tensor, nn
 from ..ops.attention import attention_logits
 from ..ops.grid import uniform_grid_indices
 from ..ops.select import keep_mask_to_indices, pruned_selection
+from ..ops.valid import masked_mean
 from ..types import Query, Selection, VisualTokens
 from .base import InLLMReducer, Reducer, ReducerConfig, register_reducer
 
@@ -102,7 +108,12 @@ def _repeat_kv(k: Tensor, heads: int) -> Tensor:
 
 
 def importance_scores(
-    q_vis: Tensor, k_vis: Tensor, q_text: Tensor, text_mask: Tensor | None = None, scale: float | None = None
+    q_vis: Tensor,
+    k_vis: Tensor,
+    q_text: Tensor,
+    text_mask: Tensor | None = None,
+    scale: float | None = None,
+    vis_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ATP's raw importance scores of the N visual tokens.
 
@@ -112,6 +123,8 @@ def importance_scores(
         q_text: `[B, H, T, Dh]` queries of the text tokens, or `[B, T, D]`.
         text_mask: `[B, T]` bool, True for real text tokens (None: all).
         scale: logit scale (default 1/√Dh).
+        vis_mask: `[B, N]` bool, the visual tokens that exist (None: all); only they are queries of S_self and keys
+            of the S_cross softmax (the scores of the others are meaningless).
     Returns:
         S_self `[B, N]` (mean over visual queries of the pre-softmax logits, head-mean) and S_cross `[B, N]`
         (mean over real text queries of the softmax over visual keys, head-mean), float32, differentiable.
@@ -119,8 +132,15 @@ def importance_scores(
     q_vis, q_text = _as_heads(q_vis), _as_heads(q_text)
     k_vis = _repeat_kv(_as_heads(k_vis), q_vis.shape[1])
     # mean_i (q_i · k_j) = (mean_i q_i) · k_j: the N×N logits are never formed.
-    s_self = attention_logits(q_vis.float().mean(-2, keepdim=True), k_vis, scale).squeeze(-2).mean(1)  # [B, N]
-    probs = attention_logits(q_text, k_vis, scale).softmax(-1)  # [B, H, T, N]
+    if vis_mask is None:
+        q_mean = q_vis.float().mean(-2, keepdim=True)  # [B, H, 1, Dh]
+    else:
+        q_mean = masked_mean(q_vis.float(), vis_mask[:, None, :, None], dim=-2).unsqueeze(-2)
+    s_self = attention_logits(q_mean, k_vis, scale).squeeze(-2).mean(1)  # [B, N]
+    logits = attention_logits(q_text, k_vis, scale)  # [B, H, T, N]
+    if vis_mask is not None:
+        logits = logits.masked_fill(~vis_mask[:, None, None, :], float("-inf"))
+    probs = logits.softmax(-1)
     if text_mask is None:
         s_cross = probs.mean(-2)
     else:
@@ -129,11 +149,16 @@ def importance_scores(
     return s_self, s_cross.mean(1)
 
 
-def minmax(s: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per-row min-max normalisation of `[B, N]` scores to [0, 1] (a constant row maps to 0)."""
-    lo = s.min(-1, keepdim=True).values
-    hi = s.max(-1, keepdim=True).values
-    return (s - lo) / (hi - lo).clamp(min=eps)
+def minmax(s: Tensor, eps: float = 1e-6, mask: Tensor | None = None) -> Tensor:
+    """Per-row min-max normalisation of `[B, N]` scores to [0, 1] (a constant row maps to 0); with `mask`
+    (`[B, N]` bool) over the masked-in entries only, the others map to 0."""
+    if mask is None:
+        lo = s.min(-1, keepdim=True).values
+        hi = s.max(-1, keepdim=True).values
+        return (s - lo) / (hi - lo).clamp(min=eps)
+    lo = s.masked_fill(~mask, float("inf")).min(-1, keepdim=True).values
+    hi = s.masked_fill(~mask, float("-inf")).max(-1, keepdim=True).values
+    return ((s - lo) / (hi - lo).clamp(min=eps)).masked_fill(~mask, 0.0)
 
 
 def redundancy_score(s_self: Tensor, s_cross: Tensor) -> Tensor:
@@ -165,9 +190,10 @@ class ATPThresholds(nn.Module):
         with torch.no_grad():
             self.head.bias.copy_(torch.logit(torch.tensor([init_theta_red, init_theta_spatial])))
 
-    def forward(self, s_self: Tensor, s_cross: Tensor) -> Tensor:
-        """`[B, N]` normalised S_self, S_cross → `[B, 2]` (θ_r, θ_s) in (0, 1), float32."""
-        feats = torch.stack([s_self.mean(-1), s_cross.mean(-1)], -1).to(self.head.weight.dtype)  # [B, 2]
+    def forward(self, s_self: Tensor, s_cross: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`[B, N]` normalised S_self, S_cross (means over the `mask`ed-in tokens) → `[B, 2]` (θ_r, θ_s) in (0, 1)."""
+        feats = torch.stack([masked_mean(s_self, mask), masked_mean(s_cross, mask)], -1)  # [B, 2]
+        feats = feats.to(self.head.weight.dtype)
         return torch.sigmoid(self.head(self.mlp(feats))).float()
 
 
@@ -178,14 +204,19 @@ def soft_keep_mask(s_red: Tensor, s_sp: Tensor, theta: Tensor, temperature: floa
     return torch.maximum(red, sp)
 
 
-def hard_keep(s_red: Tensor, s_sp: Tensor, theta: Tensor, k: int) -> Tensor:
+def hard_keep(s_red: Tensor, s_sp: Tensor, theta: Tensor, k: int | Tensor, valid: Tensor | None = None) -> Tensor:
     """Inference rule keep = (S_red > θ_r) OR (S_sp > θ_s), at most k and at least 1 per row: `[B, N]` bool.
 
     When more than k pass (or none), the ranking is by the margin max(S_red − θ_r, S_sp − θ_s), then S_red,
-    then the lower index.
+    then the lower index. `k` may be `[B]` per row; with `valid` (`[B, N]` bool) only valid tokens are kept.
     """
     margin = torch.maximum(s_red - theta[:, :1], s_sp - theta[:, 1:])  # [B, N]
-    count = (margin > 0).sum(-1, keepdim=True).clamp(1, k)  # [B, 1]
+    if valid is not None:  # an invalid token never passes and ranks last
+        margin = margin.masked_fill(~valid, float("-inf"))
+    if isinstance(k, Tensor):
+        count = torch.minimum((margin > 0).sum(-1, keepdim=True).clamp(min=1), k.view(-1, 1))  # [B, 1]
+    else:
+        count = (margin > 0).sum(-1, keepdim=True).clamp(1, k)  # [B, 1]
     by_red = torch.sort(s_red, dim=-1, descending=True, stable=True).indices
     order = by_red.gather(1, torch.sort(margin.gather(1, by_red), dim=-1, descending=True, stable=True).indices)
     return order.argsort(-1) < count  # rank of every token < its row's count
@@ -232,19 +263,32 @@ class ATP(Reducer):
         self.thresholds = ATPThresholds(c.hidden, c.init_theta_red, c.init_theta_spatial)
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
+        return self._select(vt, k, query)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        return self._select(vt, ks, query)
+
+    def _select(self, vt: VisualTokens, k: int | Tensor, query: Query) -> Selection:
+        """The method with cap `k` (int, or `[B]` per sample when `vt.valid` is set)."""
         x = vt.tokens  # [B, N, D]
         b, n, _ = x.shape
         h, w = self.grid_of(vt)
         c = self.config
-        s_self, s_cross = importance_scores(x, x, query.embeds, query.valid_mask())  # [B, N] each
-        s_self, s_cross = minmax(s_self), minmax(s_cross)
+        valid = vt.valid  # [B, N] or None
+        s_self, s_cross = importance_scores(x, x, query.embeds, query.valid_mask(), vis_mask=valid)  # [B, N] each
+        s_self, s_cross = minmax(s_self, mask=valid), minmax(s_cross, mask=valid)
         s_red = 0.5 * (s_self + s_cross)  # [B, N]
         s_sp = spatial_scores(h, w, c.spatial_rates, c.spatial_lambda, vt.num_views()).to(x.device).expand(b, n)
-        theta = self.thresholds(s_self, s_cross)  # [B, 2]
+        theta = self.thresholds(s_self, s_cross, valid)  # [B, 2]
         soft = soft_keep_mask(s_red, s_sp, theta, c.temperature)  # [B, N], carries gradients in training
+        if valid is not None:
+            soft = soft * valid
         with torch.no_grad():
-            keep = hard_keep(s_red, s_sp, theta, k)
-            passed = ((s_red > theta[:, :1]) | (s_sp > theta[:, 1:])).sum(-1)  # [B] before the budget cap
+            keep = hard_keep(s_red, s_sp, theta, k, valid)
+            if valid is not None:  # a sample whose budget covers its valid tokens keeps them all (full budget)
+                keep |= valid & (k == valid.sum(-1)).unsqueeze(-1)
+            passed = (s_red > theta[:, :1]) | (s_sp > theta[:, 1:])
+            passed = (passed if valid is None else passed & valid).sum(-1)  # [B] before the budget cap
         idx, mask = keep_mask_to_indices(keep)
         return pruned_selection(
             x, idx, mask, theta=theta, soft_mask=soft, s_red=s_red, s_spatial=s_sp, num_passed=passed

@@ -10,14 +10,18 @@ Pinned choices (checked against the official LLaVA code):
 * "nearest neighbour" excludes the token itself, and an already kept token is never picked again (the official
   loop can re-pick one when all remaining distances are 0, e.g. duplicate tokens);
 * ties go to the lowest index; distances are float32.
+* `VisualTokens.valid`: the greedy runs on the valid tokens alone (invalid ones are neither picked nor anyone's
+  nearest neighbour), exactly as if the invalid tokens were not in the input.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import Tensor
+
 from ..ops.diversity import cosine_distance, farthest_point_sampling
-from ..ops.select import pruned_selection
+from ..ops.select import prefix_indices, pruned_selection
 from ..types import Query, Selection, VisualTokens
 from .base import Reducer, ReducerConfig, register_reducer
 
@@ -35,3 +39,9 @@ class DivPrune(Reducer):
         dist = cosine_distance(vt.tokens)  # [B, N, N]
         order, idx = farthest_point_sampling(dist, k)  # [B, k] each
         return pruned_selection(vt.tokens, idx, order=order)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        dist = cosine_distance(vt.tokens)  # [B, N, N]
+        order, _ = farthest_point_sampling(dist, int(ks.max()), candidates=vt.valid)  # nested: prefixes per row
+        idx, mask = prefix_indices(order, ks)
+        return pruned_selection(vt.tokens, idx, mask, order=order.masked_fill(~mask, -1))

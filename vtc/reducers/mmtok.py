@@ -19,6 +19,9 @@ Pinned choices:
 * one selection over all N tokens of a sample (the official LLaVA-NeXT integration splits the budget per crop
   and drops padding/newline tokens; that belongs to the adapter);
 * scores in float32, ties to the lowest index.
+* `VisualTokens.valid`: the invalid tokens leave both matrices (no candidate column, no vision row, no share of
+  the softmaxes, N = the valid count), exactly as if they were not in the input. This is what the official
+  LLaVA-NeXT integration's dropping of padding amounts to, over one selection for the whole sample.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ..ops.coverage import greedy_coverage
 from ..ops.diversity import cosine_similarity
-from ..ops.select import pruned_selection
+from ..ops.select import prefix_indices, pruned_selection
+from ..ops.valid import masked_softmax
 from ..types import Query, Selection, VisualTokens
 from .base import Reducer, ReducerConfig, register_reducer
 
@@ -66,3 +71,20 @@ class MMTok(Reducer):
         rows = torch.cat([qmask, torch.ones_like(qmask[:, :1]).expand(-1, n)], dim=1)  # [B, T + N]
         order, idx, gains = greedy_coverage(torch.cat([p, q], dim=1), k, row_mask=rows)  # [B, k] each
         return pruned_selection(x, idx, order=order, coverage=gains.sum(dim=-1))
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        cfg = self.config
+        x = vt.tokens  # [B, N, D]
+        v = vt.features if vt.features is not None else x  # [B, N, Dv]
+        valid = vt.valid  # [B, N]
+        cols = valid.unsqueeze(1)  # [B, 1, N]
+        n = valid.sum(dim=-1).view(-1, 1, 1)  # [B, 1, 1] valid tokens
+        qmask = query.valid_mask()  # [B, T]
+        m = qmask.sum(dim=-1, keepdim=True, dtype=torch.long).unsqueeze(-1)  # [B, 1, 1]
+        p = masked_softmax(cosine_similarity(query.embeds, x) / cfg.tau_text, cols) / m  # [B, T, N]
+        q = cfg.alpha * masked_softmax(cosine_similarity(v) / cfg.tau_vision, cols) / n  # [B, N, N]
+        rows = torch.cat([qmask, valid], dim=1)  # [B, T + N]: invalid tokens are no rows to cover
+        order, _, gains = greedy_coverage(torch.cat([p, q], dim=1), int(ks.max()), row_mask=rows, candidates=valid)
+        idx, mask = prefix_indices(order, ks)
+        coverage = gains.masked_fill(~mask, 0.0).sum(dim=-1)
+        return pruned_selection(x, idx, mask, order=order.masked_fill(~mask, -1), coverage=coverage)

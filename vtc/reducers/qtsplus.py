@@ -41,6 +41,11 @@ Pinned choices (the paper or its code leaves them open, or vtc needs them):
   tokens while `indices` still name their source positions (use them for position ids); `info["reencoded"]`
   says which. Default off: untrained it changes nothing but costs compute, and off the kept tokens are the
   inputs bit for bit.
+* `VisualTokens.valid`: everything runs over the M_b valid tokens of sample b, exactly as if the invalid ones were
+  not in the input: the scoring softmax is over the valid keys (an invalid token scores 0), the budget head sees
+  log M_b and the entropy of the valid scores, n = min(max(⌈ρ M_b⌉, 1), k_b), and the training threshold solves
+  Σ_{valid j} σ((r_j − t)/τ) = ρ M_b; invalid tokens are never kept, and a sample with k_b = M_b keeps all of its
+  valid tokens (as the full budget does). `info["n_max"]` is then the `[B]` caps k_b.
 * Losses: `qtsplus_aux_loss` gives λt(ρM)²/n_max² + λm(ρM)/n_max + λs(ρ − ρ̄)² (batch means; the official
   defaults λt=1, λm=1.7, λs=0.05; ρ̄ a running mean the caller keeps, the detached batch mean by default).
   The LM cross-entropy is the caller's.
@@ -56,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.select import gather_tokens, keep_mask_to_indices
+from ..ops.select import gather_tokens, keep_mask_to_indices, rank_valid_first
 from ..types import Query, Selection, VisualTokens
 from .base import Reducer, ReducerConfig, register_reducer
 
@@ -95,13 +100,16 @@ class QTSplusScorer(nn.Module):
         self.q_proj = nn.Linear(dim, n_heads * head_dim)
         self.k_proj = nn.Linear(dim, n_heads * head_dim)
 
-    def forward(self, x: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
-        """`x: [B, N, D]`, `q: [B, T, D]` float32, `q_mask: [B, T]` bool → `r: [B, N]` float32."""
+    def forward(self, x: Tensor, q: Tensor, q_mask: Tensor, valid: Tensor | None = None) -> Tensor:
+        """`x: [B, N, D]`, `q: [B, T, D]` float32, `q_mask: [B, T]` bool, `valid: [B, N]` bool (None: all) →
+        `r: [B, N]` float32 (0 for invalid tokens)."""
         b, n, _ = x.shape
         t = q.shape[1]
         k = _linear(self.k_proj, _rms_norm(x, self.kv_norm)).view(b, n, self.n_heads, self.head_dim)
         u = _linear(self.q_proj, _rms_norm(q, self.q_norm)).view(b, t, self.n_heads, self.head_dim)
         logits = torch.einsum("bthd,bnhd->bhtn", u, k) / math.sqrt(self.head_dim)  # [B, H, T, N]
+        if valid is not None:  # the softmax runs over the valid keys only
+            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = logits.softmax(dim=-1)
         probs = probs.masked_fill(~q_mask[:, None, :, None], -1.0)  # padded text rows never win the max
         return probs.amax(dim=(1, 2))  # [B, N]
@@ -116,13 +124,17 @@ class QTSplusBudgetHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim + 3, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     @staticmethod
-    def features(r: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
-        """`[B, D + 3]` inputs of the MLP from `r: [B, N]`, `q: [B, T, D]`, `q_mask: [B, T]`."""
+    def features(r: Tensor, q: Tensor, q_mask: Tensor, counts: Tensor | None = None) -> Tensor:
+        """`[B, D + 3]` inputs of the MLP from `r: [B, N]`, `q: [B, T, D]`, `q_mask: [B, T]`; `counts` `[B]`: the
+        valid tokens M_b (None: N; invalid tokens have r = 0 and add nothing to the entropy)."""
         w = q_mask.float().unsqueeze(-1)  # [B, T, 1]
         sq = (q * w).sum(1) / w.sum(1)  # [B, D] mean over real text tokens
-        p = r / r.sum(-1, keepdim=True)  # r > 0 everywhere (a max of softmax values)
+        p = r / r.sum(-1, keepdim=True)  # r > 0 on every valid token (a max of softmax values)
         ent = -(p * p.clamp_min(1e-30).log()).sum(-1)  # [B]
-        log_m = torch.full_like(ent, math.log(r.shape[-1]))
+        if counts is None:
+            log_m = torch.full_like(ent, math.log(r.shape[-1]))
+        else:
+            log_m = counts.to(ent.dtype).log()
         return torch.cat([sq, log_m[:, None], r.amax(-1, keepdim=True), ent[:, None]], dim=-1)
 
     def forward(self, feats: Tensor) -> Tensor:
@@ -153,25 +165,37 @@ class QTSplusReEncoder(nn.Module):
         return x + _linear(self.o_proj, out.transpose(1, 2).reshape(b, k, -1))
 
 
-def newton_threshold(r: Tensor, rho: Tensor, tau: float, iters: int = 50) -> Tensor:
+def newton_threshold(r: Tensor, rho: Tensor, tau: float, iters: int = 50, valid: Tensor | None = None) -> Tensor:
     """t `[B]` with Σ_j σ((r_j − t)/τ) = ρM per row, differentiable in `r: [B, M]` and `rho: [B]`.
 
     Safeguarded Newton (bisection when a step leaves the bracket) without autograd in float64, then one Newton
     step with autograd, whose gradient at the root is the implicit one: ∂t/∂θ = −(∂f/∂θ) / (∂f/∂t).
+    With `valid` (`[B, M]` bool) the sum runs over the valid entries and M is their count per row.
     """
-    m = r.shape[-1]
+    if valid is None:
+        m, w = r.shape[-1], None
+    else:
+        m, w = valid.sum(-1), valid.double()  # [B] counts, [B, M] 0/1 weights
     with torch.no_grad():
         r64, rho64 = r.detach().double(), rho.detach().double()
         target = rho64 * m  # [B]
         logit = torch.log(rho64) - torch.log1p(-rho64)
-        lo = r64.amin(-1) - tau * (logit.clamp_min(0) + 1)  # f(lo) >= 0
-        hi = r64.amax(-1) + tau * ((-logit).clamp_min(0) + 1)  # f(hi) <= 0
+        lo_r = r64 if valid is None else r64.masked_fill(~valid, float("inf"))
+        hi_r = r64 if valid is None else r64.masked_fill(~valid, float("-inf"))
+        lo = lo_r.amin(-1) - tau * (logit.clamp_min(0) + 1)  # f(lo) >= 0
+        hi = hi_r.amax(-1) + tau * ((-logit).clamp_min(0) + 1)  # f(hi) <= 0
         # Start at the score ranked ⌈ρM⌉: the hard threshold the soft one approximates.
-        rank = (target.ceil().long() - 1).clamp(0, m - 1)
-        t = r64.sort(-1, descending=True).values.gather(1, rank[:, None]).squeeze(1)
-        tol = 1e-6 * max(m, 1)
+        if valid is None:
+            rank = (target.ceil().long() - 1).clamp(0, m - 1)
+            tol = 1e-6 * max(m, 1)
+        else:
+            rank = torch.minimum((target.ceil().long() - 1).clamp(min=0), m - 1)
+            tol = 1e-6 * m.clamp(min=1).double()
+        t = hi_r.sort(-1, descending=True).values.gather(1, rank[:, None]).squeeze(1)
         for _ in range(iters):
             s = torch.sigmoid((r64 - t[:, None]) / tau)  # [B, M]
+            if w is not None:
+                s = s * w
             f = s.sum(-1) - target
             if bool((f.abs() < tol).all()):
                 break
@@ -183,6 +207,8 @@ def newton_threshold(r: Tensor, rho: Tensor, tau: float, iters: int = 50) -> Ten
             t = torch.where(bad, 0.5 * (lo + hi), step)
     t = t.to(r.dtype)
     s = torch.sigmoid((r - t[:, None]) / tau)
+    if w is not None:
+        s = s * w.to(s.dtype)
     f = s.sum(-1) - rho * m
     fp = (-(s * (1 - s)).sum(-1) / tau).clamp_max(-1e-12)
     return t - f / fp
@@ -190,8 +216,8 @@ def newton_threshold(r: Tensor, rho: Tensor, tau: float, iters: int = 50) -> Ten
 
 def qtsplus_aux_loss(
     rho: Tensor,
-    num_tokens: int,
-    n_max: int,
+    num_tokens: int | Tensor,
+    n_max: int | Tensor,
     rho_mean: float | Tensor | None = None,
     lambda_t: float = 1.0,
     lambda_m: float = 1.7,
@@ -201,19 +227,20 @@ def qtsplus_aux_loss(
 
     Args:
         rho: `[B]` predicted retention ratios (`sel.info["rho"]`).
-        num_tokens: M, the visual tokens per sample before selection.
-        n_max: the cap (vtc's budget k, `sel.info["n_max"]`).
+        num_tokens: M, the visual tokens per sample before selection (`[B]` valid counts with `VisualTokens.valid`).
+        n_max: the cap (vtc's budget k, `sel.info["n_max"]`; `[B]` with `VisualTokens.valid`).
         rho_mean: ρ̄ of the smoothness term (e.g. a running mean over training); None = the detached batch mean.
     Returns:
         `flops` = λt·mean((ρM)²)/n_max², `kv` = λm·mean(ρM)/n_max, `smooth` = λs·mean((ρ − ρ̄)²), and `total`.
     """
     kept = rho * num_tokens  # [B]
     ref = rho.detach().mean() if rho_mean is None else rho_mean
-    out = {
-        "flops": lambda_t * (kept**2).mean() / float(n_max) ** 2,
-        "kv": lambda_m * kept.mean() / float(n_max),
-        "smooth": lambda_s * ((rho - ref) ** 2).mean(),
-    }
+    if isinstance(n_max, Tensor):  # per-sample caps
+        cap = n_max.to(kept.dtype)
+        flops, kv = lambda_t * (kept**2 / cap**2).mean(), lambda_m * (kept / cap).mean()
+    else:
+        flops, kv = lambda_t * (kept**2).mean() / float(n_max) ** 2, lambda_m * kept.mean() / float(n_max)
+    out = {"flops": flops, "kv": kv, "smooth": lambda_s * ((rho - ref) ** 2).mean()}
     out["total"] = out["flops"] + out["kv"] + out["smooth"]
     return out
 
@@ -265,20 +292,35 @@ class QTSplus(Reducer):
 
     # ------------------------------------------------------------------ forward
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
+        return self._select(vt, k, query)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        return self._select(vt, ks, query)
+
+    def _select(self, vt: VisualTokens, k: int | Tensor, query: Query) -> Selection:
+        """The method with cap `k` (int, or `[B]` per sample when `vt.valid` is set)."""
         x = vt.tokens  # [B, N, D]
         b, n, d = x.shape
+        valid = vt.valid  # [B, N] or None
         if self.dim is None:
             self.build(d, x.device)
         elif d != self.dim:
             raise self._fail(f"was built for tokens of width D={self.dim}, got D={d}")
         x32, q32, q_mask = x.float(), query.embeds.float(), query.valid_mask()
 
-        r = self.scorer(x32, q32, q_mask)  # [B, N]
-        rho = self.budget_head(QTSplusBudgetHead.features(r, q32, q_mask))  # [B]
+        r = self.scorer(x32, q32, q_mask, valid)  # [B, N]
+        counts = None if valid is None else valid.sum(-1)  # [B]
+        rho = self.budget_head(QTSplusBudgetHead.features(r, q32, q_mask, counts))  # [B]
         with torch.no_grad():
-            n_keep = (rho.detach().double() * n).ceil().long().clamp(1, k)  # [B]
-            order = torch.sort(r.detach(), dim=-1, descending=True, stable=True).indices
-            rank_r = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+            if valid is None:
+                n_keep = (rho.detach().double() * n).ceil().long().clamp(1, k)  # [B]
+                order = torch.sort(r.detach(), dim=-1, descending=True, stable=True).indices
+                rank_r = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(b, n))
+            else:
+                n_keep = torch.minimum((rho.detach().double() * counts).ceil().long(), k).clamp(min=1)
+                n_keep = torch.where(k == counts, counts, n_keep)  # budget covers every valid token: keep all
+                rank_r = rank_valid_first(r.detach(), valid)  # invalid tokens rank last
+            cap = k if valid is None else k.unsqueeze(-1)  # int or [B, 1]
         info: dict[str, Any] = {
             "scores": r,
             "rho": rho,
@@ -295,15 +337,19 @@ class QTSplus(Reducer):
                 return Selection(tokens, idx, mask, info=info)
             kept = gather_tokens(x32, idx) * mask.unsqueeze(-1)
         else:
-            t = newton_threshold(r, rho, self.config.tau, self.config.newton_iters)  # [B]
+            t = newton_threshold(r, rho, self.config.tau, self.config.newton_iters, valid)  # [B]
             logits = (r - t[:, None]) / self.config.tau  # [B, N]
+            if valid is not None:  # an invalid token is never kept and gets no gradient
+                logits = logits.masked_fill(~valid, float("-inf"))
             if self.config.train_sampling:
                 u = torch.rand(b, n, device=x.device).clamp(1e-6, 1 - 1e-6)
                 z = logits + torch.log(u) - torch.log1p(-u)  # logistic noise = difference of two Gumbels
                 with torch.no_grad():
                     zo = torch.sort(z.detach(), dim=-1, descending=True, stable=True).indices
                     rank_z = torch.empty_like(zo).scatter_(1, zo, torch.arange(n, device=x.device).expand(b, n))
-                    keep = ((z.detach() > 0) & (rank_z < k)) | (rank_z == 0)  # at most k, at least one
+                    keep = ((z.detach() > 0) & (rank_z < cap)) | (rank_z == 0)  # at most k, at least one
+                    if valid is not None:  # budget covers every valid token: keep all
+                        keep |= valid & (k == counts).unsqueeze(-1)
             else:
                 z = logits
                 keep = rank_r < n_keep[:, None]

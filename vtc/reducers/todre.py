@@ -19,6 +19,8 @@ Pinned choices (the paper does not let us verify them):
   i.e. the one most aligned with the mean normalised token; "max_nn" uses DivPrune's rule (the token farthest
   from its nearest neighbour) instead;
 * ties go to the lowest index; distances are float32; kept tokens stay in input order.
+* `VisualTokens.valid` (stage 1): the medoid and the greedy run on the valid tokens alone, exactly as if the
+  invalid tokens were not in the input.
 * stage 2 (`todre_llm`): relevance = head-mean softmax attention (over the whole sequence, causal) of the real
   text tokens after the last visual token, averaged over those text tokens, from the q/k of the layer before
   `layer` (captured beside SDPA); `budget` is the number kept from `layer` on; every visual token is gone from
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..ops.diversity import cosine_distance, farthest_point_sampling
-from ..ops.select import pruned_selection
+from ..ops.select import prefix_indices, pruned_selection
 from ..types import Query, Selection, VisualTokens
 from .base import InLLMReducer, Reducer, ReducerConfig, register_reducer
 
@@ -62,6 +64,18 @@ class ToDRE(Reducer):
         first = dist.sum(dim=-1).argmin(dim=-1) if self.config.first_center == "medoid" else None  # [B]
         order, idx = farthest_point_sampling(dist, k, first=first)  # [B, k] each
         return pruned_selection(vt.tokens, idx, order=order)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        space = vt.features if vt.features is not None else vt.tokens  # [B, N, Dv]
+        valid = vt.valid  # [B, N]
+        dist = cosine_distance(space)  # [B, N, N]
+        first = None
+        if self.config.first_center == "medoid":  # least summed distance to the valid tokens, among them
+            total = dist.masked_fill(~valid.unsqueeze(1), 0.0).sum(dim=-1)  # [B, N]
+            first = total.masked_fill(~valid, float("inf")).argmin(dim=-1)
+        order, _ = farthest_point_sampling(dist, int(ks.max()), first=first, candidates=valid)
+        idx, mask = prefix_indices(order, ks)
+        return pruned_selection(vt.tokens, idx, mask, order=order.masked_fill(~mask, -1))
 
 
 @dataclass

@@ -23,6 +23,10 @@ Pinned choices:
     * Output order: the d dominant tokens in ascending index order, then the c contextual tokens in ascending
       target index order. `info["anchors"]` holds the index each output stands on (dominant index or target),
       `info["num_dominant"]`/`info["num_contextual"]` the split.
+    * `VisualTokens.valid`: sample b splits its k_b over its M_b valid tokens (c_b = contextual_count(k_b, M_b)); the
+      dominant tokens are the top valid ones by the encoder's own CLS attention (softmax over the whole view), and
+      the remaining tokens, targets and groups are the valid ones only, so invalid tokens go nowhere
+      (assignment −1). Rows are padded to the largest k_b; `num_dominant`/`num_contextual` become `[B]` tensors.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from ..ops.attention import cls_attention_probs
 from ..ops.grid import scatter_mean
-from ..ops.select import gather_tokens, keep_mask_to_indices, topk_ascending
+from ..ops.select import gather_tokens, keep_mask_to_indices, pad_index_lists, rank_valid_first, topk_ascending
 from ..types import Query, Selection, VisualTokens
 from .base import Reducer, ReducerConfig, register_reducer
 
@@ -108,4 +112,47 @@ class VisionZip(Reducer):
             "num_dominant": d,
             "num_contextual": c,
         }
+        return Selection(tokens, None, mask, weights=weights, assignment=assignment, info=info)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        x = vt.tokens  # [B, N, D]
+        b, n, _ = x.shape
+        dev = x.device
+        valid = vt.valid  # [B, N]
+        counts = valid.sum(-1)  # [B]
+        ratio = self.config.contextual_ratio
+        cs_list = [contextual_count(kb, mb, ratio) for kb, mb in zip(ks.tolist(), counts.tolist(), strict=True)]
+        cs = torch.tensor(cs_list, dtype=torch.long, device=dev)  # [B] contextual
+        ds = ks - cs  # [B] dominant
+        kmax = int(ks.max())
+        with torch.no_grad():
+            scores = cls_attention_probs(vt.cls_attn)  # [B, N]
+            is_dom = rank_valid_first(scores, valid) < ds.unsqueeze(-1)  # [B, N] top-d_b valid tokens
+            dominant, dmask = keep_mask_to_indices(is_dom)  # [B, dmax]
+            rest, rmask = keep_mask_to_indices(valid & ~is_dom)  # [B, Rmax], R_b = M_b - d_b real per row
+            assignment = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)  # spare column n for padding
+            slot = torch.arange(dominant.shape[1], device=dev).expand_as(dominant)
+            assignment.scatter_(1, dominant.masked_fill(~dmask, n), slot)
+            rest_counts = rmask.sum(-1).tolist()
+            steps = [torch.arange(0, r, max(1, r // max(c, 1)))[:c] for r, c in zip(rest_counts, cs_list, strict=True)]
+            tpos, tmask = pad_index_lists(steps, dev)  # [B, cmax] target slots within rest
+            targets = rest.gather(1, tpos)  # [B, cmax]
+            if tpos.shape[1] > 0:
+                m = self._metric(vt)  # [B, N, C]
+                sim = gather_tokens(m, rest) @ gather_tokens(m, targets).transpose(-1, -2)  # [B, Rmax, cmax]
+                group = sim.masked_fill(~tmask.unsqueeze(1), -torch.inf).argmax(dim=-1)  # [B, Rmax]
+                group = torch.cat([group, group[:, :1]], 1)  # spare column for padded targets
+                cols = torch.arange(tpos.shape[1], device=dev).expand_as(tpos)
+                group.scatter_(1, tpos.masked_fill(~tmask, rest.shape[1]), cols)  # a target is its own group
+                merged = rmask & (cs > 0).unsqueeze(-1)  # without contextual tokens the rest is dropped
+                out = ds.unsqueeze(-1) + group[:, :-1]
+                assignment.scatter_(1, rest.masked_fill(~merged, n), out.masked_fill(~merged, -1))
+            assignment = assignment[:, :n].contiguous()
+            anchors = torch.zeros(b, kmax + 1, dtype=torch.long, device=dev)
+            anchors.scatter_(1, slot.masked_fill(~dmask, kmax), dominant)
+            tslot = ds.unsqueeze(-1) + torch.arange(tpos.shape[1], device=dev)
+            anchors.scatter_(1, tslot.masked_fill(~tmask, kmax), targets)
+        tokens, weights = scatter_mean(x, assignment, kmax)  # [B, kmax, D], [B, kmax] (padding: zeros)
+        mask = torch.arange(kmax, device=dev) < ks.unsqueeze(-1)
+        info = {"scores": scores, "anchors": anchors[:, :kmax], "num_dominant": ds, "num_contextual": cs}
         return Selection(tokens, None, mask, weights=weights, assignment=assignment, info=info)
