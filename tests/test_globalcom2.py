@@ -12,14 +12,15 @@ from vtc.budget import resolve_budget
 from vtc.reducers.globalcom2 import apportion
 
 
-def _ref_apportion(targets: list[float], cap: int, k: int) -> list[int]:
+def _ref_apportion(targets: list[float], cap: int | list[int], k: int) -> list[int]:
     """Floors, then one token per view per round, largest fractional part first, full views skipped."""
-    out = [min(cap, math.floor(t)) for t in targets]
+    caps = cap if isinstance(cap, list) else [cap] * len(targets)
+    out = [min(c, math.floor(t)) for t, c in zip(targets, caps, strict=True)]
     order = sorted(range(len(targets)), key=lambda i: (-(targets[i] - math.floor(targets[i])), i))
     i = 0
     while sum(out) < k:
         j = order[i % len(order)]
-        if out[j] < cap:
+        if out[j] < caps[j]:
             out[j] += 1
         i += 1
     return out
@@ -47,10 +48,15 @@ def _bilinear(img: list[list[float]], oh: int, ow: int) -> list[list[float]]:
     return out
 
 
-def _ref_sample(cls_attn: torch.Tensor, h: int, w: int, rows: int, cols: int, k: int, mode: str, tau: float = 10.0):
-    """One sample: cls_attn `[H, N]` → (ratios, counts, kept indices) from the paper's formulas."""
+def _ref_sample(
+    cls_attn: torch.Tensor, h: int, w: int, rows: int, cols: int, k: int, mode: str, tau: float = 10.0, valid=None
+):
+    """One sample: cls_attn `[H, N]` → (ratios, counts, kept indices) from the paper's formulas. With `valid` `[N]`
+    bool, N_v counts the valid tokens of view v, the mean of π is weighted by them and only valid tokens rank."""
     v, nv = 1 + rows * cols, h * w
-    n = v * nv
+    ok = [True] * (v * nv) if valid is None else valid.tolist()
+    sizes = [sum(ok[i * nv : (i + 1) * nv]) for i in range(v)]
+    n = sum(sizes)
     a = cls_attn.double()
     maps = []
     for i in range(v):
@@ -66,8 +72,12 @@ def _ref_sample(cls_attn: torch.Tensor, h: int, w: int, rows: int, cols: int, k:
             s[by * cols + bx] += thumb[y * w + x]
     e = [math.exp((si - max(s)) / tau) for si in s]
     pi = [ei / sum(e) for ei in e]
-    ratios = [r] + [min(1.0, r * (1 + p - sum(pi) / len(pi))) for p in pi]
-    counts = _ref_apportion([nv * q for q in ratios], nv, k)
+    if valid is None:
+        mean = sum(pi) / len(pi)
+    else:  # weighted by the crops' valid tokens, so that Σ_v N_v r_v = k
+        mean = sum(p * c for p, c in zip(pi, sizes[1:], strict=True)) / sum(sizes[1:])
+    ratios = [r] + [min(1.0, r * (1 + p - mean)) for p in pi]
+    counts = _ref_apportion([c * q for c, q in zip(sizes, ratios, strict=True)], sizes, k)
 
     big = _bilinear([thumb[y * w : (y + 1) * w] for y in range(h)], rows * h, cols * w)
     kept = []
@@ -80,7 +90,7 @@ def _ref_sample(cls_attn: torch.Tensor, h: int, w: int, rows: int, cols: int, k:
             own = maps[vi]
             ng, no = math.sqrt(sum(t * t for t in g)), math.sqrt(sum(t * t for t in own))
             score = [o / no + t / ng for o, t in zip(own, g, strict=True)]
-        best = sorted(range(nv), key=lambda j: (-score[j], j))[: counts[vi]]
+        best = sorted((j for j in range(nv) if ok[vi * nv + j]), key=lambda j: (-score[j], j))[: counts[vi]]
         kept += [vi * nv + j for j in best]
     return ratios, counts, sorted(kept)
 
@@ -106,6 +116,38 @@ def test_against_reference(mode, grid, views, budget):
         torch.testing.assert_close(sel.info["ratios"][b], torch.tensor(ratios, dtype=torch.float64))
         assert sel.info["counts"][b].tolist() == counts
         assert sel.indices[b].tolist() == kept
+
+
+@pytest.mark.parametrize("mode", ["logits", "softmax"])
+@pytest.mark.parametrize(
+    ("grid", "views", "budget"), [((4, 4), (2, 2), 0.25), ((4, 4), (1, 2), 9), ((3, 5), (2, 3), 0.6)]
+)
+def test_valid_mask_against_reference(mode, grid, views, budget):
+    """Unpadding-like masks (canvas rows, or columns, cut at both ends; different per sample) and random cells."""
+    h, w = grid
+    rows, cols = views
+    hw = h * w
+    n = hw * (1 + rows * cols)
+    g = torch.Generator().manual_seed(n + rows)
+    vt = vtc.VisualTokens(
+        torch.randn(3, n, 8, generator=g), cls_attn=3 * torch.randn(3, 4, n, generator=g), grid=grid, views=views
+    )
+    valid = torch.ones(3, n, dtype=torch.bool)
+    for i, cut in enumerate([(1, 0), (0, 1)]):  # sample 0: first/last canvas row removed; sample 1: columns
+        canvas = torch.ones(rows * h, cols * w, dtype=torch.bool)
+        canvas[[0, -1]] = not cut[0]
+        canvas[:, [0, -1]] &= not cut[1]
+        valid[i, hw:] = canvas.reshape(rows, h, cols, w).permute(0, 2, 1, 3).reshape(-1)
+    valid[2] = torch.rand(n, generator=g) < 0.6
+    vt.valid = valid
+    sel = vtc.create_reducer("globalcom2", attention=mode)(vt, budget=budget)
+    for b in range(3):
+        m = int(valid[b].sum())
+        k = min(budget, m) if isinstance(budget, int) else resolve_budget(budget, m)
+        ratios, counts, kept = _ref_sample(vt.cls_attn[b], h, w, rows, cols, k, mode, valid=valid[b])
+        torch.testing.assert_close(sel.info["ratios"][b], torch.tensor(ratios, dtype=torch.float64))
+        assert sel.info["counts"][b].tolist() == counts and sum(counts) == k
+        assert sel.indices[b][sel.mask[b]].tolist() == kept
 
 
 def test_crop_with_most_thumbnail_attention_keeps_most():
@@ -161,6 +203,24 @@ def test_apportion_against_loop():
         got = apportion(targets[None], cap, k)[0].tolist()
         assert got == _ref_apportion(targets.tolist(), cap, k), (targets, cap, k)
         assert sum(got) == k and max(got) <= cap
+
+
+def test_apportion_with_caps_per_part_against_loop():
+    g = torch.Generator().manual_seed(2)
+    rows, expected = [], []
+    for _ in range(100):
+        caps = torch.randint(0, 9, (5,), generator=g)
+        k = int(torch.randint(0, int(caps.sum()) + 1, (1,), generator=g))
+        w = torch.rand(5, generator=g, dtype=torch.float64) * caps
+        targets = torch.minimum(w / w.sum().clamp(min=1e-9) * k, caps.double())
+        rows.append((targets, caps, k))
+        expected.append(_ref_apportion(targets.tolist(), caps.tolist(), k))
+    got = apportion(
+        torch.stack([t for t, _, _ in rows]), torch.stack([c for _, c, _ in rows]), torch.tensor([k for *_, k in rows])
+    )
+    for i, (_, caps, k) in enumerate(rows):  # one batched call, rows with different caps and k
+        assert got[i].tolist() == expected[i], rows[i]
+        assert int(got[i].sum()) == k and bool((got[i] <= caps).all())
 
 
 def test_needs_views():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -13,17 +15,35 @@ from vtc.ops.grid import uniform_grid_indices
 FAR = 1e9
 
 
-def _ref_prumerge_plus(x, cls_attn, keys, k, grid, views=1, num_neighbors=32, iqr_scale=1.5):
-    """PruMerge+ by hand for one sample: x [N, D], cls_attn [H, N], keys [N, Dk]."""
+def _ref_lattice(kv, h, w, cells):
+    """kv points over the valid `cells` (row-major positions) of an h×w grid: the uniform lattice of their rectangle
+    when they fill one, else kv of them at even steps."""
+    rows = sorted({c // w for c in cells})
+    cols = sorted({c % w for c in cells})
+    if (
+        len(cells) == len(rows) * len(cols)
+        and rows == list(range(rows[0], rows[-1] + 1))
+        and cols == list(range(cols[0], cols[-1] + 1))
+    ):
+        hh, ww = len(rows), len(cols)
+        return [(rows[0] + int(p) // ww) * w + cols[0] + int(p) % ww for p in uniform_grid_indices(kv, hh, ww)]
+    return [cells[math.floor((i + 0.5) * len(cells) / kv)] for i in range(kv)]
+
+
+def _ref_prumerge_plus(x, cls_attn, keys, k, grid, views=1, num_neighbors=32, iqr_scale=1.5, valid=None):
+    """PruMerge+ by hand for one sample: x [N, D], cls_attn [H, N], keys [N, Dk]; `valid` [N] bool (None: all)."""
     n = x.shape[0]
     h, w = grid
+    ok = [True] * n if valid is None else valid.tolist()
     a = cls_attn.float().softmax(-1).mean(0)
-    q1, q3 = np.percentile(a.double().numpy(), [25, 75])
-    outliers = [i for i in range(n) if float(a[i]) > q3 + iqr_scale * (q3 - q1)]
+    q1, q3 = np.percentile(a.double().numpy()[np.array(ok)], [25, 75])
+    outliers = [i for i in range(n) if ok[i] and float(a[i]) > q3 + iqr_scale * (q3 - q1)]
     kept_out = sorted(outliers, key=lambda i: (-float(a[i]), i))[:k]
     lattice = []
-    for v, kv in enumerate(split_budget(k, [h * w] * views)):
-        lattice += [int(p) + v * h * w for p in uniform_grid_indices(kv, h, w)]
+    cells = [[c for c in range(h * w) if ok[v * h * w + c]] for v in range(views)]
+    for v, kv in enumerate(split_budget(k, [len(c) for c in cells])):
+        if kv:
+            lattice += [p + v * h * w for p in _ref_lattice(kv, h, w, cells[v])]
 
     def dist(p, o):
         if p // (h * w) != o // (h * w):
@@ -35,7 +55,7 @@ def _ref_prumerge_plus(x, cls_attn, keys, k, grid, views=1, num_neighbors=32, iq
     fill = sorted(range(k), key=lambda j: (-near[j], j))[: k - len(kept_out)]
     kept = sorted(kept_out + [lattice[j] for j in fill])
     assert len(set(kept)) == k
-    pruned = [i for i in range(n) if i not in kept]
+    pruned = [i for i in range(n) if i not in kept and ok[i]]
     kn = keys.float() / keys.float().norm(dim=-1, keepdim=True)
     m = min(num_neighbors, len(pruned))
     tokens, weights, assignment, best = [], [], [-1] * n, {}
@@ -87,6 +107,42 @@ def test_matches_reference(grid, k, views, spikes, nn):
         assert sel.assignment[i].tolist() == assignment
         torch.testing.assert_close(sel.tokens[i], tokens, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sel.weights[i], torch.tensor(weights), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "grid,views,budget,nn",
+    [((6, 6), None, 9, 32), ((4, 4), (2, 2), 0.3, 3), ((3, 3), (1, 2), 4, 32), ((5, 5), (2, 1), 2, 5)],
+)
+def test_valid_mask_matches_reference(grid, views, budget, nn):
+    """Tokens marked invalid (rows/columns cut from the crop canvas, or random cells) are never kept or absorbed;
+    quartiles, lattice and neighbours follow the valid tokens (batched code against the per-sample loop)."""
+    vt = _inputs(3, grid, seed=len(grid) + nn, views=views, spikes=3)
+    n, hw = vt.tokens.shape[1], grid[0] * grid[1]
+    g = torch.Generator().manual_seed(nn)
+    valid = torch.rand(3, n, generator=g) < 0.7  # sample 0: random cells
+    valid[0, 0] = True
+    valid[1:] = True
+    rows, cols = views or (1, 1)
+    valid[1].view(-1, *grid)[:, 0] = False  # sample 1: the first row of every view (thumbnail too) removed
+    if views:  # sample 2: the first and last column of the crop canvas removed
+        canvas = torch.ones(rows * grid[0], cols * grid[1], dtype=torch.bool)
+        canvas[:, [0, -1]] = False
+        valid[2, hw:] = canvas.reshape(rows, grid[0], cols, grid[1]).permute(0, 2, 1, 3).reshape(-1)
+    vt.valid = valid
+    sel = vtc.create_reducer("prumerge_plus", num_neighbors=nn)(vt, budget=budget)
+    nv = 1 + rows * cols if views else 1
+    for i in range(3):
+        m = int(valid[i].sum())
+        k = min(budget, m) if isinstance(budget, int) else math.floor(budget * m + 0.5)
+        tokens, weights, assignment, kept, count = _ref_prumerge_plus(
+            vt.tokens[i], vt.cls_attn[i], vt.keys[i], k, grid, nv, num_neighbors=nn, valid=valid[i]
+        )
+        assert int(sel.num_kept[i]) == k
+        assert sel.info["anchors"][i, :k].tolist() == kept
+        assert int(sel.info["iqr_count"][i]) == count
+        assert sel.assignment[i].tolist() == assignment
+        torch.testing.assert_close(sel.tokens[i, :k], tokens, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sel.weights[i, :k], torch.tensor(weights), atol=1e-6, rtol=1e-5)
 
 
 def test_keeps_every_iqr_outlier():

@@ -19,6 +19,13 @@ Pinned choices:
 * `sel.info["grid"]` is the pooled layout: `(kh, kw)` for a regular grid, `(kh, (c_1, …, c_kh))` for banded bins;
   one layout when all views share it, else a list with one per view. `weights` are the bin sizes and
   `assignment` maps every input to its bin.
+* `VisualTokens.valid` (e.g. the tokens LLaVA-NeXT's unpadding keeps): only valid tokens are pooled, and sample b
+  keeps k_b tokens. k_b is split over the views by their valid counts; a view whose valid tokens form an h'×w'
+  rectangle (unpadding removes whole rows/columns) pools that rectangle as above; any other valid set is pooled as
+  a 1×M strip of its valid tokens in row-major order (contiguous runs, layout `(1, k_v)` or `(1, (k_v,))`).
+  Invalid tokens go to no bin (assignment −1). `info["grid"]` is then a list with one entry per sample. The
+  official M3 code pools each crop before unpadding and then unpads the pooled grid; vtc pools the tokens the
+  model keeps, so every bin holds only real tokens and the count is exact.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import Tensor
 
 from ..budget import resolve_budget, split_budget
 from ..ops.grid import bin_edges, factor_grid, partition_pool_assignment, scatter_mean
+from ..ops.valid import sample_groups, valid_rectangle
 from ..types import Query, Selection, VisualTokens
 from .base import Reducer, ReducerConfig, register_reducer
 
@@ -57,6 +65,36 @@ def pool_layout(k: int, h: int, w: int, max_aspect_error: float = 2.0) -> tuple[
     return assign.reshape(-1), (kh, tuple(per_band))
 
 
+def pool_views(
+    k: int, h: int, w: int, views: int = 1, valid: Tensor | None = None, max_aspect_error: float = 2.0
+) -> tuple[Tensor, list]:
+    """Bin of every token of `views` consecutive h×w grids for k bins in all: `[views*h*w]` int64 (−1: no bin,
+    for a view without budget or an invalid token) and the layout of every view (see the module docstring)."""
+    hw = h * w
+    per_view = None if valid is None else valid.reshape(views, hw).cpu()
+    sizes = [hw] * views if per_view is None else per_view.sum(-1).tolist()
+    parts, layouts, offset = [], [], 0
+    for i, kv in enumerate(split_budget(k, sizes)):
+        assign = torch.full((hw,), -1, dtype=torch.long)
+        if kv == 0:  # a view with no budget is dropped entirely
+            parts.append(assign)
+            layouts.append((0, 0))
+            continue
+        if per_view is None:
+            assign, layout = pool_layout(kv, h, w, max_aspect_error)
+        elif (rect := valid_rectangle(per_view[i], h, w)) is not None:
+            r0, c0, hh, ww = rect
+            bins, layout = pool_layout(kv, hh, ww, max_aspect_error)
+            assign.view(h, w)[r0 : r0 + hh, c0 : c0 + ww] = bins.view(hh, ww)
+        else:  # not a rectangle: a 1×M strip of the valid tokens in row-major order
+            bins, layout = pool_layout(kv, 1, sizes[i], max_aspect_error)
+            assign[per_view[i]] = bins
+        parts.append(torch.where(assign >= 0, assign + offset, -1))
+        layouts.append(layout)
+        offset += kv
+    return torch.cat(parts), layouts
+
+
 @register_reducer("matryoshka", config=MatryoshkaConfig)
 class Matryoshka(Reducer):
     """Average-pool each view's token grid to exactly k tokens (M3's nested scales for 576/144/36/9/1)."""
@@ -75,24 +113,33 @@ class Matryoshka(Reducer):
         x = vt.tokens  # [B, N, D]
         b, n, _ = x.shape
         h, w = self.grid_of(vt)
-        parts, layouts, offset = [], [], 0
-        for kv in split_budget(k, [h * w] * vt.num_views()):
-            if kv == 0:  # a view with no budget is dropped entirely
-                parts.append(torch.full((h * w,), -1, dtype=torch.long))
-                layouts.append((0, 0))
-                continue
-            assign, layout = pool_layout(kv, h, w, self.config.max_aspect_error)
-            parts.append(assign + offset)
-            layouts.append(layout)
-            offset += kv
-        assignment = torch.cat(parts).to(x.device).expand(b, n).contiguous()  # [B, N]
+        assign, layouts = pool_views(k, h, w, vt.num_views(), max_aspect_error=self.config.max_aspect_error)
+        assignment = assign.to(x.device).expand(b, n).contiguous()  # [B, N]
         tokens, mass = scatter_mean(x, assignment, k)  # [B, k, D], [B, k]
-        grid = layouts[0] if all(lay == layouts[0] for lay in layouts) else layouts
         mask = torch.ones(b, k, dtype=torch.bool, device=x.device)
-        return Selection(tokens, None, mask, weights=mass, assignment=assignment, info={"grid": grid})
+        return Selection(tokens, None, mask, weights=mass, assignment=assignment, info={"grid": _one_layout(layouts)})
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
         return self._pool(vt, k)
+
+    def _reduce_valid(self, vt: VisualTokens, ks: Tensor, query: Query | None) -> Selection:
+        x = vt.tokens  # [B, N, D]
+        b, n, _ = x.shape
+        h, w = self.grid_of(vt)
+        assignment = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+        grids: list = [None] * b
+        for group in sample_groups(vt.valid):  # one pooling layout per distinct valid pattern
+            b0 = int(group[0])
+            assign, layouts = pool_views(
+                int(ks[b0]), h, w, vt.num_views(), vt.valid[b0], max_aspect_error=self.config.max_aspect_error
+            )
+            assignment[group] = assign.to(x.device)
+            for i in group.tolist():
+                grids[i] = _one_layout(layouts)
+        kmax = int(ks.max())
+        tokens, mass = scatter_mean(x, assignment, kmax)  # [B, kmax, D], [B, kmax] (padding: zeros)
+        mask = torch.arange(kmax, device=x.device) < ks.unsqueeze(-1)
+        return Selection(tokens, None, mask, weights=mass, assignment=assignment, info={"grid": grids})
 
     def all_scales(
         self, tokens: Tensor | VisualTokens, scales: Iterable[int | float] = (576, 144, 36, 9, 1)
@@ -100,11 +147,22 @@ class Matryoshka(Reducer):
         """Every scale from one call: `{count: [B, count, D]}`, each equal to `forward(tokens, count).tokens`.
 
         `scales` are budgets in the usual sense (tokens per sample, or fractions); a count above N raises.
+        With `VisualTokens.valid` the counts differ per sample: call the reducer once per scale instead.
         """
         vt = self._check_tokens(tokens)
+        if vt.valid is not None:
+            raise self._fail(
+                "all_scales needs every token valid (per-sample counts differ with VisualTokens.valid); "
+                "call the reducer once per scale"
+            )
         n = vt.tokens.shape[1]
         out = {}
         for s in scales:
             k = resolve_budget(s, n, who=self.name)
             out[k] = vt.tokens if k == n else self._pool(vt, k).tokens
         return out
+
+
+def _one_layout(layouts: list) -> Layout | list:
+    """One layout when all views share it, else the list with one per view."""
+    return layouts[0] if all(lay == layouts[0] for lay in layouts) else layouts
