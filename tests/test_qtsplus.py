@@ -129,6 +129,40 @@ def test_newton_threshold_gradient_is_the_implicit_one():
     torch.testing.assert_close(rho.grad, -20 / ds.sum(-1))  # ∂f/∂ρ = −M
 
 
+def test_newton_threshold_with_valid_solves_the_valid_equation():
+    """Σ over valid j of σ((r_j − t)/τ) = ρ·M_b, the same t as on the valid entries alone."""
+    g = torch.Generator().manual_seed(5)
+    r = torch.rand(3, 40, generator=g)
+    valid = torch.rand(3, 40, generator=g) < 0.5
+    r = r.masked_fill(~valid, 5.0)  # invalid scores, large on purpose: they must not count
+    rho = torch.tensor([0.1, 0.4, 0.7])
+    t = newton_threshold(r, rho, 0.1, valid=valid)
+    for b in range(3):
+        alone = newton_threshold(r[b : b + 1, valid[b]], rho[b : b + 1], 0.1)
+        torch.testing.assert_close(t[b : b + 1], alone, atol=1e-5, rtol=0)
+        got = torch.sigmoid((r[b, valid[b]] - t[b]) / 0.1).sum()
+        torch.testing.assert_close(got, rho[b] * valid[b].sum(), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("sampling", [True, False])
+def test_training_with_valid_keeps_only_valid_tokens_with_gradients(sampling):
+    r = _make(n_heads=3, train_sampling=sampling).train()
+    vt, q = _inputs(b=3, n=36)
+    valid = torch.rand(3, 36, generator=torch.Generator().manual_seed(6)) < 0.6
+    vt.valid = valid
+    torch.manual_seed(1)
+    sel = r(vt, budget=0.5, query=q)
+    counts = valid.sum(-1)
+    for b in range(3):
+        idx = sel.indices[b][sel.mask[b]]
+        assert bool(valid[b, idx].all()) and 1 <= idx.numel() <= vtc.resolve_budget(0.5, int(counts[b]))
+        assert torch.equal(sel.tokens[b][sel.mask[b]], vt.tokens[b, idx])
+    assert not sel.info["soft_mask"][~valid].any() and not sel.info["keep_prob"][~valid].any()
+    (sel.tokens * torch.randn(sel.tokens.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    for p in (r.scorer.k_proj.weight, r.budget_head.mlp[2].bias):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("sampling", [True, False])
 def test_training_gradients_reach_scorer_and_budget_head(sampling):
     r = _make(n_heads=3, train_sampling=sampling).train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 
 import pytest
@@ -218,3 +219,205 @@ def test_registry_listing_and_errors():
 
     with pytest.raises(KeyError, match="already registered"):
         REDUCERS.register("random")(type("Dup", (vtc.Reducer,), {}))
+
+
+# ---------------------------------------------------------------------- VisualTokens.valid
+@st.composite
+def valid_cases(draw):
+    """A case plus a `valid` mask mode: "random" cells, or "unpad" (whole rows or columns of the crop canvas, or of
+    the grid, removed at both ends, as LLaVA-NeXT's unpadding does), and whether sample 0 stays all valid."""
+    return draw(cases()), draw(st.sampled_from(["random", "unpad"])), draw(st.booleans())
+
+
+def _valid_mask(vt: vtc.VisualTokens, mode: str, seed: int, first_full: bool) -> torch.Tensor:
+    """`[B, N]` bool with at least one valid token per sample (and at least one invalid somewhere)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    b, n, _ = vt.tokens.shape
+    h, w = vt.grid
+    rows, cols = vt.views if vt.views is not None else (1, 1)
+    thumb = h * w if vt.views is not None else 0
+    valid = torch.ones(b, n, dtype=torch.bool)
+    for i in range(b):
+        if mode == "random":
+            valid[i] = torch.rand(n, generator=g) < 0.2 + 0.7 * float(torch.rand(1, generator=g))
+            valid[i, int(torch.randint(n, (1,), generator=g))] = True
+        else:  # remove canvas rows (or columns) at both ends; the canvas is the crops stitched row-major
+            big_h, big_w = rows * h, cols * w
+            canvas = torch.ones(big_h, big_w, dtype=torch.bool)
+            axis = int(torch.randint(2, (1,), generator=g))
+            size = (big_h, big_w)[axis]
+            cut = int(torch.randint(1, max(2, (size + 1) // 2), (1,), generator=g))  # keep at least one line
+            lo = cut // 2
+            hi = size - (cut - lo)
+            if axis == 0:
+                canvas[:lo], canvas[hi:] = False, False
+            else:
+                canvas[:, :lo], canvas[:, hi:] = False, False
+            crops = canvas.reshape(rows, h, cols, w).permute(0, 2, 1, 3).reshape(-1)  # reducer order: crop by crop
+            valid[i, thumb:] = crops
+    if first_full:
+        valid[0] = True
+    if bool(valid.all()):
+        valid[-1, 0] = False
+        valid[-1, -1] = True
+    return valid
+
+
+def _expected_counts(valid: torch.Tensor, budget) -> list[int]:
+    """k_b resolved against the valid count of every sample, written out from the budget rule."""
+    out = []
+    for c in valid.sum(-1).tolist():
+        out.append(min(budget, c) if isinstance(budget, int) else max(1, min(c, math.floor(budget * c + 0.5))))
+    return out
+
+
+@pytest.mark.parametrize("name", PRE)
+@HYP
+@given(case=valid_cases())
+def test_valid_mask_is_honoured(name, case):
+    """With a random `valid` mask: no invalid token is kept or merged, every sample keeps min(budget, valid count)
+    (fractions: of the valid count; adaptive methods at most that, at least one), padding trails and is zero,
+    rows equal single-sample calls, and an all-True mask is the same as None."""
+    (grid, b, d, seed, frac, as_int), mode, first_full = case
+    r = _make(name)
+    vt, q = make_inputs(name, b=max(b, 2), grid=grid, d=d, seed=seed)
+    vt = dataclasses.replace(vt, valid=_valid_mask(vt, mode, seed, first_full))
+    n = vt.tokens.shape[1]
+    budget = _budget(n, frac, as_int)
+    expected = _expected_counts(vt.valid, budget)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sel = r(vt, budget=budget, query=q)
+    counts = sel.num_kept
+    kk = sel.tokens.shape[1]
+    assert kk == max(counts.tolist())
+    assert bool((sel.mask == (torch.arange(kk) < counts[:, None])).all()), "padding must trail"
+    assert bool((sel.tokens[~sel.mask] == 0).all()), "padded outputs are zeros"
+    assert torch.isfinite(sel.tokens).all()
+    for i, k in enumerate(expected):
+        if r.adaptive:
+            assert 1 <= int(counts[i]) <= k, (i, counts, expected)
+        else:
+            assert int(counts[i]) == k, (i, counts, expected)
+    if sel.indices is not None:
+        assert bool((sel.indices[~sel.mask] == 0).all())
+        for i in range(sel.tokens.shape[0]):
+            idx = _valid_indices(sel, i)
+            assert bool((idx[1:] > idx[:-1]).all()) and bool(vt.valid[i, idx].all()), "an invalid token was kept"
+            if not r.merges:
+                assert torch.equal(sel.tokens[i][sel.mask[i]], vt.tokens[i, idx])
+    if r.merges:
+        a = sel.assignment
+        assert bool((a[~vt.valid] == -1).all()), "an invalid token was merged"
+        for i in range(a.shape[0]):
+            used = torch.zeros(kk, dtype=torch.bool).index_fill_(0, a[i][a[i] >= 0], True)
+            assert torch.equal(used, sel.mask[i]), "every real output needs a valid source; padding has none"
+        if r.conserves_mass:
+            assigned = (a >= 0).float()
+            torch.testing.assert_close(sel.weights.float().sum(-1), assigned.sum(-1))
+            lhs = (sel.weights.unsqueeze(-1) * sel.tokens.float() * sel.mask.unsqueeze(-1)).sum(1)
+            rhs = (vt.tokens.float() * assigned.unsqueeze(-1)).sum(1)
+            torch.testing.assert_close(lhs, rhs, atol=1e-4, rtol=1e-4)
+    if not r.stochastic:  # per-sample budgets and padding do not couple the samples
+        with torch.no_grad():
+            for i in range(vt.tokens.shape[0]):
+                sl = slice(i, i + 1)
+                one = r(vt.index_batch(sl), budget=budget, query=None if q is None else q.index_batch(sl))
+                m = int(one.num_kept[0])
+                assert int(counts[i]) == m
+                torch.testing.assert_close(sel.tokens[i, :m], one.tokens[0, :m], atol=1e-5, rtol=1e-5)
+                if sel.indices is not None:
+                    assert torch.equal(sel.indices[i, :m], one.indices[0, :m])
+    full = dataclasses.replace(vt, valid=torch.ones_like(vt.valid))
+    outs = []
+    for v in (full, dataclasses.replace(vt, valid=None)):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            outs.append(r(v, budget=budget, query=q))
+    assert torch.equal(outs[0].tokens, outs[1].tokens), "an all-True valid mask must change nothing"
+
+
+@pytest.mark.parametrize("name", PRE)
+def test_valid_full_budget_keeps_exactly_the_valid_tokens(name):
+    r = _make(name)
+    vt, q = make_inputs(name, b=3)
+    valid = _valid_mask(vt, "random", 5, first_full=True)
+    vt = dataclasses.replace(vt, valid=valid)
+    for budget in (1.0, vt.tokens.shape[1]):
+        sel = r(vt, budget=budget, query=q)
+        for i in range(3):
+            assert torch.equal(_valid_indices(sel, i), valid[i].nonzero().squeeze(-1))
+            assert torch.equal(sel.valid_tokens(i), vt.tokens[i, valid[i]])
+        if r.merges:
+            assert bool((sel.assignment[~valid] == -1).all()) and torch.equal(sel.weights, sel.mask.float())
+
+
+# Methods for which honouring `valid` is, by design, running the method on the valid tokens alone (visionzip: with
+# one head, where the full-view softmax ranks like the valid-only one).
+ALONE = ["divprune", "todre", "mmtok", "tome", "qtsplus", "visionzip"]
+
+
+@pytest.mark.parametrize("name", ALONE)
+@pytest.mark.parametrize("budget", [5, 0.3])
+def test_valid_equals_running_on_the_valid_tokens_alone(name, budget):
+    r = _make(name)
+    vt, q = make_inputs(name, b=3, grid=(6, 6), seed=4)
+    vt = dataclasses.replace(vt, cls_attn=vt.cls_attn[:, :1], valid=_valid_mask(vt, "random", 4, first_full=False))
+    with torch.no_grad():
+        sel = r(vt, budget=budget, query=q)
+        for i in range(3):
+            cols = vt.valid[i].nonzero().squeeze(-1)
+            alone = vtc.VisualTokens(
+                vt.tokens[i : i + 1, cols],
+                features=vt.features[i : i + 1, cols],
+                cls_attn=vt.cls_attn[i : i + 1, :, cols],
+                keys=vt.keys[i : i + 1, cols],
+            )
+            bi = min(budget, cols.numel()) if isinstance(budget, int) else budget
+            one = r(alone, budget=bi, query=None if q is None else q.index_batch(slice(i, i + 1)))
+            m = int(one.num_kept[0])
+            assert int(sel.num_kept[i]) == m
+            torch.testing.assert_close(sel.tokens[i, :m], one.tokens[0, :m], atol=1e-5, rtol=1e-5)
+            if one.indices is not None:
+                assert torch.equal(sel.indices[i, :m], cols[one.indices[0, :m]])
+            else:
+                expect = torch.full((vt.tokens.shape[1],), -1, dtype=torch.long)
+                expect[cols] = one.assignment[0]
+                assert torch.equal(sel.assignment[i], expect)
+
+
+@pytest.mark.parametrize("name", ["downsample", "matryoshka"])
+@pytest.mark.parametrize(("rect", "budget"), [((1, 0, 4, 7), 9), ((0, 2, 6, 3), 0.5), ((2, 1, 1, 5), 2)])
+def test_valid_rectangle_equals_the_cropped_grid(name, rect, budget):
+    """Grid methods on a 6×7 grid whose valid tokens form a rectangle act as on that rectangle's own grid."""
+    r0, c0, hh, ww = rect
+    r = _make(name)
+    vt, _ = make_inputs(name, b=2, grid=(6, 7), seed=2)
+    cells = torch.zeros(6, 7, dtype=torch.bool)
+    cells[r0 : r0 + hh, c0 : c0 + ww] = True
+    cols = cells.reshape(-1).nonzero().squeeze(-1)  # row-major: the cropped grid's order
+    sel = r(dataclasses.replace(vt, valid=cells.reshape(1, -1).expand(2, -1).contiguous()), budget=budget)
+    bi = min(budget, cols.numel()) if isinstance(budget, int) else budget
+    crop = r(vtc.VisualTokens(vt.tokens[:, cols], grid=(hh, ww)), budget=bi)
+    torch.testing.assert_close(sel.tokens, crop.tokens)
+    if crop.indices is not None:
+        assert torch.equal(sel.indices, cols[crop.indices])
+    else:
+        expect = torch.full((2, 42), -1, dtype=torch.long)
+        expect[:, cols] = crop.assignment
+        assert torch.equal(sel.assignment, expect)
+
+
+@pytest.mark.parametrize("name", PRE)
+def test_bad_valid_mask_is_named(name):
+    r = _make(name)
+    vt, q = make_inputs(name)
+    b, n, _ = vt.tokens.shape
+    with pytest.raises(ValueError, match=rf"{name}.*valid.*dtype torch.float32.*valid.bool\(\)"):
+        r(dataclasses.replace(vt, valid=torch.ones(b, n)), budget=3, query=q)
+    with pytest.raises(ValueError, match=rf"{name}.*valid must be \[B={b}, N={n}\], got \({b}, {n - 1}\)"):
+        r(dataclasses.replace(vt, valid=torch.ones(b, n - 1, dtype=torch.bool)), budget=3, query=q)
+    empty = torch.ones(b, n, dtype=torch.bool)
+    empty[1] = False
+    with pytest.raises(ValueError, match=rf"{name}.*no token of sample\(s\) \[1\]"):
+        r(dataclasses.replace(vt, valid=empty), budget=3, query=q)
