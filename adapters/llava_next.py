@@ -8,20 +8,22 @@ are removed), each remaining row followed by one `image_newline` embedding.
 
 What reducers receive per image (`VisualTokens`, see `vtc/types.py`): `views=(rows, cols)`, `grid=(h, w)`,
 `tokens` = projector outputs of the thumbnail followed by the crops in row-major order, each view row-major,
-*before* unpadding and without newlines; `features` (projector input), `cls_attn` `[H, V·h·w]` and `keys` of
-one CLIP layer, per view, captured as for LLaVA-1.5 (`vision_layer`, default: the feature layer).
-Images are batched into one reducer call per run of consecutive images with the same crop layout.
+*before* unpadding and without newlines; `valid` = False for the tokens unpadding removes; `features` (projector
+input), `cls_attn` `[H, V·h·w]` and `keys` of one CLIP layer, per view, captured as for LLaVA-1.5
+(`vision_layer`, default: the feature layer). Images are batched into one reducer call per run of consecutive
+images with the same crop layout (their unpadding may differ).
 
 Pinned rules for placing a reduced image back into its placeholder run:
 
-* Budget: an int/float budget counts the reducer's layout (thumbnail + all crop tokens, padding included);
-  newline tokens never count.
+* Unpadding: reducers see the whole crop canvas (methods that need the grid keep it) but the tokens unpadding
+  removes are marked invalid, so no reducer keeps or merges one (`vtc.Reducer` checks `valid`; methods honour it).
+* Budget: resolved against the image's real tokens M (thumbnail + unpadded crop tokens; newline tokens never
+  count): an int k keeps min(k, M) tokens, a float r keeps round(r·M) (`vtc.budget.resolve_budgets`); an int
+  budget is still checked against the whole layout N. `adapter.last["kept"]` counts the visual tokens placed.
 * Positions: a kept token sits in the column it has in the stock packed layout, so (with the default
-  `positions="original"`) it keeps its original position id; columns of dropped tokens are removed.
-* Unpadding: tokens the stock model removes are not hidden from reducers (a reducer may pick them); they are
-  dropped from the selection afterwards, so an image keeps at most the budget (`adapter.last["kept"]` counts the
-  visual tokens actually placed). A merged token sits at its first source token that is in the packed layout and
-  is dropped if every source was removed by unpadding.
+  `positions="original"`) it keeps its original position id; columns of dropped tokens are removed. A merged token
+  sits at its first source token. (Should a custom reducer still return an invalid token, it is dropped, and a
+  merged token sits at its first source in the packed layout, or is dropped if it has none.)
 * Newlines: the newline of a packed row is kept iff at least one visual token of that row is kept (as
   GlobalCom² keeps the newline of every row); the thumbnail has no newline. At full budget the run is exactly
   the stock one, so `generate()` is unchanged.
@@ -152,6 +154,7 @@ class LlavaNextAdapter(VLMAdapter):
                     keys=keys[sl].reshape(m, v * side * side, -1),
                     grid=grid,
                     views=views,
+                    valid=torch.stack([lay.column >= 0 for lay in self.layouts[i : i + m]]),  # [m, N]
                 )
             )
             start, i = start + m * v, i + m

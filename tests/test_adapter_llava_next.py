@@ -3,6 +3,8 @@ layout built independently from the stock `pack_image_features`, cache, batching
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tiny_models import IMAGE_TOKEN, llava_next_batch, tiny_llava_next
@@ -49,7 +51,8 @@ def test_full_budget_generates_the_same_tokens(model, pair, name):
 
 # ---------------------------------------------------------------------- independent reference
 def _views(m, batch, b):
-    """`VisualTokens` of image b, computed here from the vision tower and the projector (no adapter code)."""
+    """`VisualTokens` of image b, computed here from the vision tower and the projector (no adapter code); `valid`
+    marks the tokens the stock packing keeps."""
     vc = m.config.vision_config
     sizes = batch["image_sizes"]
     v = image_size_to_num_patches(sizes[b], m.config.image_grid_pinpoints, vc.image_size)
@@ -57,7 +60,10 @@ def _views(m, batch, b):
     tokens = m.model.multi_modal_projector(hs)  # [V, hw, D]
     views = tuple(get_anyres_image_grid_shape(sizes[b], m.config.image_grid_pinpoints, vc.image_size))
     side = vc.image_size // vc.patch_size
-    return VisualTokens(tokens.reshape(1, -1, tokens.shape[-1]), grid=(side, side), views=views)
+    n = tokens.shape[0] * tokens.shape[1]
+    valid = torch.zeros(1, n, dtype=torch.bool)
+    valid[0, [i for i in _packed_index(m, batch, b, n) if i >= 0]] = True
+    return VisualTokens(tokens.reshape(1, -1, tokens.shape[-1]), grid=(side, side), views=views, valid=valid)
 
 
 def _packed_index(m, batch, b, n):
@@ -130,23 +136,70 @@ def test_reference_views_match_the_stock_packing(model):
             assert torch.equal(packed[b][pack < 0], model.model.image_newline.expand(int((pack < 0).sum()), -1))
 
 
-@pytest.mark.parametrize(("name", "budget"), [("downsample", 20), ("random", 0.3), ("matryoshka", 0.2)])
+def _real_budget(m, batch, b, n, budget):
+    """Tokens image b must keep: the budget resolved against its real tokens (those the stock packing keeps)."""
+    real = sum(i >= 0 for i in _packed_index(m, batch, b, n))
+    return min(budget, real) if isinstance(budget, int) else max(1, math.floor(budget * real + 0.5))
+
+
+@pytest.mark.parametrize(
+    ("name", "budget"), [("downsample", 20), ("random", 0.3), ("matryoshka", 0.2), ("divprune", 9)]
+)
 def test_pre_llm_logits_equal_the_language_model_on_kept_tokens(model, name, budget):
+    """Reducers that need only the tokens: the selection made here on independently built views (`valid` from the
+    stock packing) is the adapter's, every image keeps exactly its budget of real tokens, and the logits equal
+    the language model's on those tokens."""
     batch = llava_next_batch(model, SIZES, PROMPTS)  # three different layouts: one reducer call per image
     reducer = vtc.create_reducer(name, **({"seed": 7} if name == "random" else {}))
     with torch.no_grad():
         with vtc.compressed(model, reducer, budget=budget):
             logits = model(**batch).logits  # [B, L', V] over the reduced, re-left-padded sequences
             kept = adapter_of(model).last["kept"]
-        affected = 0
         for b in range(len(SIZES)):
             vt = _views(model, batch, b)
+            n = vt.tokens.shape[1]
             sel = reducer(vt, budget=budget)
-            ref, n_placed, hit = _reference_logits(model, batch, b, sel, 0, vt.tokens.shape[1])
+            ref, n_placed, hit = _reference_logits(model, batch, b, sel, 0, n)
             torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
-            assert kept[b] == n_placed
-            affected += hit
-    assert affected > 0  # some outputs sit on tokens that unpadding removed: the drop / move rule is exercised
+            assert kept[b] == n_placed == _real_budget(model, batch, b, n, budget)
+            assert hit == 0  # no output sits on (or starts at) a token that unpadding removes
+
+
+# 2×2 crops with rows 0, 7 removed (64 real tokens) and with columns 0, 1, 6, 7 removed (48) share one reducer call;
+# then 1×2 crops with rows 0, 3 removed (32).
+UNPADDED = [(30, 40), (40, 24), (12, 40)]
+
+
+@pytest.mark.parametrize("budget", [40, 0.25])
+@pytest.mark.parametrize("name", PRE_LLM)
+def test_every_image_keeps_its_budget_of_real_tokens(model, name, budget):
+    """Every pre-LLM reducer, on non-square images whose unpadding differs within one reducer call: each image keeps
+    exactly its budget of real tokens (adaptive methods: at most, at least one), none that unpadding removes (no
+    kept index, no merged source), and the logits equal the language model's on the kept tokens."""
+    batch = llava_next_batch(model, UNPADDED, PROMPTS)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        with vtc.compressed(model, name, budget=budget):
+            logits = model(**batch).logits
+            last = adapter_of(model).last
+        sels = [(sel, j) for sel in last["selections"] for j in range(sel.tokens.shape[0])]
+        assert len(last["selections"]) == 2 and len(sels) == 3
+        for b, (sel, j) in enumerate(sels):
+            n = 16 * (5, 5, 3)[b]  # thumbnail + crops of 4×4 tokens
+            in_run = {i for i in _packed_index(model, batch, b, n) if i >= 0}
+            k = _real_budget(model, batch, b, n, budget)
+            if sel.indices is None:
+                sources = (sel.assignment[j] >= 0).nonzero().squeeze(-1)
+            else:
+                sources = sel.indices[j][sel.mask[j]]
+            assert set(sources.tolist()) <= in_run, "a kept or merged token was removed by unpadding"
+            ref, n_placed, hit = _reference_logits(model, batch, b, sel, j, n)
+            assert hit == 0 and last["kept"][b] == n_placed == int(sel.num_kept[j])
+            if get_reducer_class(name).adaptive:
+                assert 1 <= n_placed <= k
+            else:
+                assert n_placed == k
+            torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("positions", ["original", "renumber"])
@@ -182,10 +235,10 @@ def test_globalcom2_end_to_end(model, pair):
     assert len(last["selections"]) == 2  # one reducer call per image (different layouts)
     for b, sel in enumerate(last["selections"]):
         n = (1 + 2 * (2 - b)) * 16  # 2×2 then 1×2 crops of 4×4 tokens, plus the thumbnail
-        k = vtc.resolve_budget(0.25, n)
+        k = _real_budget(model, batch, b, n, 0.25)  # a quarter of the real (unpadded) tokens
         assert int(sel.num_kept[0]) == k and "counts" in sel.info
-        ref, n_placed, _ = _reference_logits(model, batch, b, sel, 0, n)
-        assert last["kept"][b] == n_placed <= k
+        ref, n_placed, hit = _reference_logits(model, batch, b, sel, 0, n)
+        assert last["kept"][b] == n_placed == k and hit == 0
         torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
 
 
