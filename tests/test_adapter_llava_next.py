@@ -1,5 +1,6 @@
 """LLaVA-NeXT (AnyRes) adapter on a tiny model built from config: identity, exact pre-LLM logits against a packed
-layout built independently from the stock `pack_image_features`, cache, batching, restore, GlobalCom² end to end."""
+layout built independently from the stock `pack_image_features`, budgets of real (unpadded) tokens for every
+pre-LLM reducer, cache, batching, restore, GlobalCom² end to end."""
 
 from __future__ import annotations
 

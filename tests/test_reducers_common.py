@@ -152,10 +152,11 @@ def test_no_nan_and_dtype_kept(name, dtype):
     vt.tokens[0, :5] = vt.tokens[0, 5:10]
     vt.tokens[1] *= 50
     with torch.no_grad():
-        for budget in (1, 7, 0.5):
-            sel = r(vt, budget=budget, query=q)
-            assert sel.tokens.dtype == dtype
-            assert torch.isfinite(sel.tokens.float()).all()
+        for valid in (None, _valid_mask(vt, "unpad", 3, first_full=False)):
+            for budget in (1, 7, 0.5):
+                sel = r(dataclasses.replace(vt, valid=valid), budget=budget, query=q)
+                assert sel.tokens.dtype == dtype
+                assert torch.isfinite(sel.tokens.float()).all()
 
 
 @pytest.mark.parametrize("name", PRE)
