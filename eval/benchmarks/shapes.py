@@ -106,14 +106,12 @@ class Scene:
         return self._bg
 
     # ------------------------------------------------------------------ dense targets
-    def label_maps(self, grid: int, frame: int = 0) -> dict[str, np.ndarray]:
-        """Per-cell targets on a `grid` x `grid` partition: colour/shape/letter index (0 = none) and centre flag.
-
-        A cell takes the object covering most of it if that object covers >= 20% of the cell.
-        """
+    def object_map(self, grid: int, frame: int = 0) -> np.ndarray:
+        """`[grid, grid]` int: the object covering most of each cell (i + 1 for object i, len(objects) + 1 for the
+        letter tag, 0 for background) if it covers >= 20% of the cell."""
         import cv2
 
-        ids = np.zeros((self.size, self.size), np.int32)  # 0 background, i+1 object i, -1 letter tag
+        ids = np.zeros((self.size, self.size), np.int32)
         for i, o in enumerate(self.objects):
             if self.frames > 1 and o.frame != frame:
                 continue
@@ -122,28 +120,54 @@ class Scene:
             x0, y0, x1, y1 = self.letter_box
             ids[y0 : y1 + 1, x0 : x1 + 1] = len(self.objects) + 1
         cell = self.size / grid
-        colour = np.zeros((grid, grid), np.int64)
-        shape = np.zeros((grid, grid), np.int64)
-        letter = np.zeros((grid, grid), np.int64)
-        centre = np.zeros((grid, grid), np.int64)
+        out = np.zeros((grid, grid), np.int64)
         for gy in range(grid):
             for gx in range(grid):
                 block = ids[int(gy * cell) : int((gy + 1) * cell), int(gx * cell) : int((gx + 1) * cell)].ravel()
                 vals, counts = np.unique(block[block > 0], return_counts=True)
-                if len(vals) == 0 or counts.max() < 0.2 * block.size:
-                    continue
-                v = int(vals[counts.argmax()])
-                if v == len(self.objects) + 1:
-                    letter[gy, gx] = LETTERS.index(self.letter) + 1
-                else:
-                    o = self.objects[v - 1]
-                    colour[gy, gx] = list(COLOURS).index(o.colour) + 1
-                    shape[gy, gx] = SHAPES.index(o.shape) + 1
+                if len(vals) and counts.max() >= 0.2 * block.size:
+                    out[gy, gx] = int(vals[counts.argmax()])
+        return out
+
+    def label_maps(self, grid: int, frame: int = 0) -> dict[str, np.ndarray]:
+        """Per-cell targets on a `grid` x `grid` partition: colour/shape/letter index (0 = none) and centre flag."""
+        ids = self.object_map(grid, frame)
+        colour = np.zeros((grid, grid), np.int64)
+        shape = np.zeros((grid, grid), np.int64)
+        letter = np.zeros((grid, grid), np.int64)
+        centre = np.zeros((grid, grid), np.int64)
+        for i, o in enumerate(self.objects):
+            colour[ids == i + 1] = list(COLOURS).index(o.colour) + 1
+            shape[ids == i + 1] = SHAPES.index(o.shape) + 1
+        if self.letter is not None:
+            letter[ids == len(self.objects) + 1] = LETTERS.index(self.letter) + 1
+        cell = self.size / grid
         for o in self.objects:
             if self.frames > 1 and o.frame != frame:
                 continue
             centre[min(int(o.cy / cell), grid - 1), min(int(o.cx / cell), grid - 1)] = 1
         return {"colour": colour, "shape": shape, "letter": letter, "centre": centre}
+
+    def referred(self, question: str) -> list[int]:
+        """Indices of the objects a question is about (len(objects) for the letter tag): what the answer must look
+        at. Existence: every object sharing the asked colour or shape (the candidates, decoys included)."""
+        w = question.split()
+        objs = self.objects
+        if question.startswith("is there"):
+            return [i for i, o in enumerate(objs) if o.colour == w[3] or o.shape == w[4]]
+        if question.startswith("how many"):
+            word = w[2]
+            return [i for i, o in enumerate(objs) if word in (o.colour, PLURAL[o.shape])]
+        if question.startswith("what colour"):
+            return [i for i, o in enumerate(objs) if o.shape == w[-2]]
+        if question.startswith("what shape"):
+            return [i for i, o in enumerate(objs) if o.colour == w[-3]]
+        if question.startswith("where is"):
+            a, b = " ".join(w[3:5]), " ".join(w[-3:-1])
+            return [i for i, o in enumerate(objs) if o.name in (a, b)]
+        if question.startswith("what letter"):
+            return [len(objs)] if self.letter is not None else []
+        return []
 
 
 def _draw(img: np.ndarray, o: Obj, cv2, value=None) -> None:

@@ -21,6 +21,7 @@ saved with `save_pretrained` and load with `from_pretrained`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -66,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 100
+    attn_sup: float = 1.0  # weight of the grounding loss on head 0 of layers 1.. (0 disables it)
 
 
 # ---------------------------------------------------------------------- model, tokenizer, processor
@@ -266,7 +268,8 @@ class DenseHeads(nn.Module):
 
 
 # ---------------------------------------------------------------------- stage 3: multi-turn question answering
-def make_turns(seed: int, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+def make_turns(seed: int, n: int, rng: np.random.Generator) -> tuple[S.Scene, list[tuple[str, str]]]:
+    """The scene of `seed` and up to `n` distinct question-answer turns about it (question types uniform)."""
     scene = S.make_scene(seed)
     turns, seen = [], set()
     for _ in range(4 * n):
@@ -276,17 +279,21 @@ def make_turns(seed: int, n: int, rng: np.random.Generator) -> list[tuple[str, s
             turns.append(qa)
         if len(turns) == n:
             break
-    return turns
+    return scene, turns
 
 
-def build_sequence(prefix: list[int], turns: list[tuple[str, str]], tok) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 except answers and their </s>) for `prefix` + q1 a1 </s> q2 a2 </s> ..."""
+def build_sequence(prefix: list[int], turns: list[tuple[str, str]], tok, rows: list | None = None):
+    """Token ids and labels (-100 except answers and their </s>) for `prefix` + q1 a1 </s> q2 a2 </s> ...
+
+    `rows`, if given, receives the position of each question's last token (the one that predicts the answer)."""
     ids, labels = list(prefix), [-100] * len(prefix)
     for q, a in turns:
         qi = tok(q, add_special_tokens=False)["input_ids"]
         ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         ids += qi + ai
         labels += [-100] * len(qi) + ai
+        if rows is not None:
+            rows.append(len(ids) - len(ai) - 1)
     return ids, labels
 
 
@@ -319,6 +326,62 @@ def lm_forward(model, family: str, ids: Tensor, mask: Tensor, feats: Tensor, gri
     logits = model.lm_head(out.last_hidden_state)
     hid = out.hidden_states[hidden_layer] if hidden_layer is not None else None
     return logits, hid
+
+
+# ---------------------------------------------------------------------- grounding supervision
+class AttentionCapture:
+    """Wraps the process's SDPA attention function while training: for the LM's layers in `layers`, keeps the
+    post-RoPE queries and keys that SDPA received, so that a loss can be put on one head's attention rows.
+
+    (transformers computes attention through `ALL_ATTENTION_FUNCTIONS["sdpa"]`; the wrapper calls the original and
+    is removed on exit, so only this training process is affected and the saved model is stock.)"""
+
+    def __init__(self, modules: dict[int, nn.Module]) -> None:
+        self.ids = {id(m): i for i, m in modules.items()}
+        self.store: dict[int, tuple[Tensor, Tensor, float]] = {}
+
+    def __enter__(self) -> AttentionCapture:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self._orig = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        orig = self._orig
+
+        def sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+            layer = self.ids.get(id(module))
+            if layer is not None:
+                self.store[layer] = (query, key, float(kwargs.get("scaling") or query.shape[-1] ** -0.5))
+            return orig(module, query, key, value, attention_mask, *args, **kwargs)
+
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = self._orig
+
+
+def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[int]]], head: int = 0) -> Tensor:
+    """Mean over supervised layers and turns of -log(attention mass that head `head` of the answer-predicting row
+    puts on the visual columns of the objects the question is about). Turns without targets are skipped."""
+    losses = []
+    for q, k, scale in store.values():
+        groups = q.shape[1] // k.shape[1]
+        for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
+            for r, cols in zip(rs, ts, strict=True):
+                if not cols:
+                    continue
+                logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale  # [r+1] causal
+                logp = logits.log_softmax(-1)
+                losses.append(-torch.logsumexp(logp[cols], 0))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[int]:
+    """Sequence columns of the visual tokens covering the objects `question` refers to."""
+    ids = scene.referred(question)
+    cells = np.flatnonzero(np.isin(omap.ravel(), np.array(ids) + 1)) if ids else []
+    return [offset + int(c) for c in cells]
 
 
 # ---------------------------------------------------------------------- the run
@@ -427,6 +490,9 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     n_tok = feats_all.shape[1]
     prefix = image_prefix(cfg.family, n_tok)
     use_aux = cfg.family == "qwen2_vl"
+    offset = prefix.index(model.config.image_token_id)
+    lm_layers = model.model.language_model.layers
+    capture = AttentionCapture({i: lm_layers[i].self_attn for i in range(1, len(lm_layers))})
     model.train()
     for m in visual:
         m.eval()
@@ -434,7 +500,15 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     for step in range(meta["step"] if meta["stage"] == "lm" else cfg.lm_steps, cfg.lm_steps):
         r = np.random.default_rng(cfg.seed * 104729 + step)
         idx = r.integers(0, cfg.pool, cfg.lm_batch)
-        batch = [build_sequence(prefix, make_turns(int(seeds[i]), cfg.qa_per_image, r), tok) for i in idx]
+        batch, rows, targets = [], [], []
+        for i in idx:
+            scene, turns = make_turns(int(seeds[i]), cfg.qa_per_image, r)
+            rws: list[int] = []
+            batch.append(build_sequence(prefix, turns, tok, rws))
+            rows.append(rws)
+            if cfg.attn_sup > 0:
+                omap = scene.object_map(grid)
+                targets.append([target_columns(scene, q, grid, offset, omap) for q, _ in turns])
         width = max(len(b[0]) for b in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         lab = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -443,9 +517,11 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
         for g in opt3.param_groups:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        capture.store.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16), capture if cfg.attn_sup > 0 else contextlib.nullcontext():
             logits, hid = lm_forward(model, cfg.family, ids, mask, feats_all[idx], grid, 1 if use_aux else None)
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+            ground = grounding_loss(capture.store, rows, targets) if cfg.attn_sup > 0 else torch.zeros(())
             aux_loss = torch.zeros(())
             if use_aux:
                 vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
@@ -455,12 +531,15 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                     aux(vis).float(), torch.stack([rows, cols], -1).expand(len(batch), -1, -1)
                 )
         opt3.zero_grad(set_to_none=True)
-        (loss + aux_loss).backward()
+        (loss + aux_loss + cfg.attn_sup * ground).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
-            log(f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} {time.time() - t0:.0f}s")
-            record(stage="lm", step=step, loss=float(loss), aux=float(aux_loss))
+            log(
+                f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} "
+                f"ground {float(ground):.3f} {time.time() - t0:.0f}s"
+            )
+            record(stage="lm", step=step, loss=float(loss), aux=float(aux_loss), ground=float(ground))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
             save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
