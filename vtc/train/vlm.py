@@ -234,6 +234,25 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def projector_out(model, family: str) -> nn.Linear:
+    """The last linear layer before the LLM (LLaVA projector linear_2, Qwen2-VL merger mlp[2])."""
+    return model.model.multi_modal_projector.linear_2 if family == "llava" else model.model.visual.merger.mlp[2]
+
+
+@torch.no_grad()
+def standardize_projector(model, family: str, feats: Tensor) -> None:
+    """Fold a per-dimension standardisation of the visual tokens into the projector's last linear layer.
+
+    After the dense stage the tokens share one large mean vector (norm ~25 against ~5 of variation), so after the
+    LLM's RMSNorm every visual token looks alike and the LLM learns very slowly to tell them apart. The fold
+    y' = (W x + b - mu) / sd is exact and keeps the architecture stock."""
+    flat = feats.float().flatten(0, -2)  # [M, D]
+    mu, sd = flat.mean(0), flat.std(0).clamp_min(1e-3)
+    lin = projector_out(model, family)
+    lin.weight.div_(sd[:, None])
+    lin.bias.sub_(mu).div_(sd)
+
+
 # ---------------------------------------------------------------------- stage 1: dense patch supervision
 class DenseHeads(nn.Module):
     """Linear read-outs of every visual token: colour, shape, letter, object centre, row/column."""
@@ -453,6 +472,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 record(stage="dense", step=step, loss=float(loss), **parts)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dense_steps:
                 save_state(ckpt, modules, opt1, {"stage": "dense", "step": step + 1})
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            sample = image_features(model, pixel_inputs(processor, list(images[:256]), cfg.family), cfg.family)
+        standardize_projector(model, cfg.family, sample)
         meta = {"stage": "cache", "step": 0}
         save_state(ckpt, modules, None, meta)
     del opt1
