@@ -8,7 +8,6 @@ import socket
 
 import pytest
 import torch
-
 from vtc.eval import harness
 from vtc.eval.benchmarks import create_benchmark
 
@@ -38,7 +37,8 @@ def _cfg(tiny_dir, out, **kw):
 
 
 def _by_key(out):
-    return {harness._key(r): (r["pred"], r["score"], r["visual_tokens"], r["flops"]) for r in harness.read_results(out)}
+    recs = harness.read_results(out)
+    return {harness._key(r): (r["pred"], r["score"], r["visual_tokens"], r["flops"]) for r in recs}
 
 
 def test_full_run_tables_and_plots(tiny_dir, tmp_path):
@@ -144,8 +144,8 @@ def test_cli_eval_and_list(tiny_dir, tmp_path, capsys):
     assert capsys.readouterr().out.split() == ["divprune"]
     assert main(["list", "benchmarks"]) == 0
     assert "shapes" in capsys.readouterr().out.split()
-    args = ["eval", "--model", str(tiny_dir), "--methods", "random", "--budgets", "4", "--bench-arg", "per_type=1",
-            "--batch-size", "3", "--out", str(tmp_path), "--no-progress", "--threads", "1", "--max-new-tokens", "2"]  # fmt: skip
+    args = ["eval", "--model", str(tiny_dir), "--methods", "random", "--budgets", "4", "--bench-arg", "per_type=1"]
+    args += ["--batch-size", "3", "--out", str(tmp_path), "--no-progress", "--threads", "1", "--max-new-tokens", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| random | 4 | 6 |" in out and "| full | all | 6 |" in out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vtc.eval.benchmarks import create_benchmark, list_benchmarks
 from vtc.eval.benchmarks import shapes as S
 
@@ -65,7 +64,8 @@ def test_answers_follow_from_the_scene(seed):
             assert a == obj.shape
         elif qtype == "spatial":
             first, second = " ".join(words[3:5]), " ".join(words[-3:-1])
-            (oa,), (ob,) = [o for o in scene.objects if o.name == first], [o for o in scene.objects if o.name == second]
+            (oa,) = [o for o in scene.objects if o.name == first]
+            (ob,) = [o for o in scene.objects if o.name == second]
             dx, dy = oa.cx - ob.cx, oa.cy - ob.cy
             want = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
             assert a == want
