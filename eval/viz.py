@@ -56,6 +56,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -81,7 +82,11 @@ KEPT_COLOR = (255, 220, 0)  # RGB outline of a kept token
 GROUP_EDGE_COLOR = (255, 255, 255)  # RGB outline between merge groups
 CROP_EDGE_COLOR = (255, 255, 255)  # RGB line along crop borders on the AnyRes canvas
 MIN_NUMBER_CELL = 12  # px: smaller cells get no index numbers
-DEFAULT_MODEL: str | None = None  # a local model directory `visualize` loads when given no model; None: random tiny
+# the model `visualize` loads when given none: the shipped tiny LLaVA once it exists, else a random tiny one
+DEFAULT_MODEL: str | None = (
+    "tiny-llava-shapes" if (Path(__file__).resolve().parent.parent / "assets/tiny-llava-shapes/config.json").exists()
+    else None
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- images
@@ -665,6 +670,9 @@ def _load_model(path: str) -> tuple[nn.Module, Any]:
     """A transformers VLM and its processor (None when the directory has none) from a local directory / hub id."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .harness import resolve_model_path
+
+    path = resolve_model_path(path)  # an assets name (vtc list models), a folder or a hub id
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     try:
         processor = AutoProcessor.from_pretrained(path)
