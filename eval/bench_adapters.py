@@ -39,7 +39,6 @@ and not written, so the next run retries it.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics
@@ -54,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm import tqdm
+from vtc.eval import results_csv
 from vtc.eval.bench_reducers import _iqr, acquire_lock, time_call
 from vtc.eval.flops import last_prefill_tokens, prefill_flops, stock_visual_tokens
 
@@ -346,42 +346,13 @@ def _num(s: Any) -> float:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a results CSV (empty if absent). A row cut short by a killed run is dropped and the file rewritten
-    without it, so that row is measured again; a header from another version is an error."""
-    if not path.exists() or path.stat().st_size == 0:
-        return []
-    text = path.read_text()
-    reader = csv.DictReader(text.splitlines())
-    if tuple(reader.fieldnames or ()) != FIELDS:
-        raise SystemExit(
-            f"bench_adapters: {path} has columns {reader.fieldnames}, expected {list(FIELDS)}; "
-            "rerun with --fresh or another --out"
-        )
-    rows = list(reader)
-    good = [r for r in rows if None not in r and None not in r.values() and _num(r["median_ms"]) > 0]
-    if not text.endswith("\n") and good and good[-1] is rows[-1]:
-        good.pop()  # the last line may look complete but be cut inside its final field
-    if len(good) != len(rows) or not text.endswith("\n"):
-        print(f"bench_adapters: dropped {len(rows) - len(good)} incomplete row(s) from {path}", file=sys.stderr)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(good)
-        os.replace(tmp, path)
-    return good
+    """Rows of the results CSV; a row cut short by a killed run is dropped so it is measured again."""
+    return results_csv.read_rows(path, FIELDS, "bench_adapters")
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row and sync it to disk, so a killed run keeps it."""
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())
+    results_csv.append_row(path, row, FIELDS)
 
 
 def derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

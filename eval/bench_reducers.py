@@ -35,7 +35,6 @@ taken over). A method that raises is reported at the end and not written, so the
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import math
 import os
@@ -51,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
+from vtc.eval import results_csv
 
 import vtc
 from vtc.reducers import get_reducer_class
@@ -230,45 +230,13 @@ def _key(row: dict[str, Any]) -> tuple[str, ...]:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """Rows of a results CSV (empty if it does not exist); a header from another version is an error.
-
-    A row cut short by a killed run (missing fields, no final newline) is dropped and the file rewritten without
-    it, so that row is measured again and later appends start on a fresh line.
-    """
-    if not path.exists() or path.stat().st_size == 0:
-        return []
-    text = path.read_text()
-    reader = csv.DictReader(text.splitlines())
-    if tuple(reader.fieldnames or ()) != FIELDS:
-        raise SystemExit(
-            f"bench_reducers: {path} has columns {reader.fieldnames}, expected {list(FIELDS)}; "
-            "rerun with --fresh or another --out"
-        )
-    rows = list(reader)
-    good = [r for r in rows if None not in r and all(v is not None for v in r.values()) and _num(r["median_ms"]) > 0]
-    if not text.endswith("\n") and good and good[-1] is rows[-1]:
-        good.pop()  # the last line may be complete-looking but cut inside its final field
-    if len(good) != len(rows) or not text.endswith("\n"):
-        print(f"bench_reducers: dropped {len(rows) - len(good)} incomplete row(s) from {path}", file=sys.stderr)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            w.writerows(good)
-        os.replace(tmp, path)
-    return good
+    """Rows of the results CSV; a row cut short by a killed run is dropped so it is measured again."""
+    return results_csv.read_rows(path, FIELDS, "bench_reducers")
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row and sync it to disk, so a killed run keeps it."""
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in FIELDS})
-        f.flush()
-        os.fsync(f.fileno())
+    results_csv.append_row(path, row, FIELDS)
 
 
 def _num(s: str) -> float:
