@@ -572,6 +572,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             model.train()
             for m in visual:
                 m.eval()
+    return _save(model, processor, cfg, out, log)
+
+
+def _save(model, processor, cfg: TrainConfig, out: Path, log=print) -> Path:
     model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
@@ -581,6 +585,21 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     (out / "training.json").write_text(json.dumps(asdict(cfg), indent=1))
     log(f"saved {out}")
     return out
+
+
+def export_checkpoint(cfg: TrainConfig, out: str | Path, log=print) -> Path:
+    """Save the model of the last checkpoint in `out/work/` (e.g. of a run stopped before its last step) with
+    `save_pretrained`, as the end of training does."""
+    out = Path(out)
+    ckpt = out / "work" / "state.safetensors"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"no checkpoint at {ckpt}; train first: vtc train vlm {cfg.family} --out {out}")
+    tok = build_tokenizer()
+    model = build_model(cfg.family, len(tok))
+    dim = model.config.text_config.hidden_size
+    meta = load_state(ckpt, {"model": model, "heads": DenseHeads(dim), "aux": nn.Linear(dim, 2)}, None)
+    log(f"exporting {meta}")
+    return _save(model, build_processor(cfg.family, tok), cfg, out, log)
 
 
 @torch.no_grad()
@@ -619,6 +638,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("vlm", help="train a tiny VLM (llava or qwen2_vl) on vtc-shapes")
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable); resumes if present")
+    p.add_argument("--export", action="store_true", help="only save the model of the last checkpoint in OUT/work")
     for f, v in asdict(TrainConfig()).items():
         if f != "family":
             p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
@@ -628,4 +648,7 @@ def add_parser(sub) -> None:
 def main(args: argparse.Namespace) -> None:
     fields = {k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)}
     fields["family"] = args.family
-    train_vlm(TrainConfig(**fields), args.out)
+    if args.export:
+        export_checkpoint(TrainConfig(**fields), args.out)
+    else:
+        train_vlm(TrainConfig(**fields), args.out)
