@@ -329,8 +329,9 @@ def test_karl_training_iteration_has_both_phases():
     loss, logs = tok.training_loss(x)
     for h in hooks:
         h.remove()
-    assert len(enc) == len(dec) == len(halt) == 2
-    (t_a, cond_a), (t_b, cond_b) = enc
+    n_measure = len([n for n in tok.ladder() if n != logs["T"]])  # no-grad error measurements between A and B
+    assert len(enc) == len(dec) == len(halt) == 2 + n_measure
+    (t_a, cond_a), (t_b, cond_b) = enc[0], enc[-1]
     assert t_a == logs["T"] and t_a in range(1, 9) and t_b == 8  # phase A at T latents, phase B at all K
     # phase A asks for a near-lossless error (a bin <= 0.04) and decodes every one of its T tokens
     support = [i for i, b in enumerate(tok.config.error_bins) if b <= 0.04]
@@ -341,13 +342,47 @@ def test_karl_training_iteration_has_both_phases():
     err = ((dec[0][1].detach().clamp(-1, 1) - x2).abs() / 2).mean((1, 2, 3))
     assert torch.equal(cond_b[:, 0], tok.error_embed[tok.bin_index(err)])
     # ... and its decoder drops exactly the tokens the halting head predicts as halted
-    assert torch.equal(dec[1][0], torch.sigmoid(halt[1]) <= 0.75)
+    assert torch.equal(dec[-1][0], torch.sigmoid(halt[-1]) <= 0.75)
     # the phase-A error distribution decays every bin >= the smallest reached error
     expected = probs_before.clone()
     expected[tok.bins >= err.min()] *= 0.99
     assert torch.allclose(tok.phase_a_probs, expected / expected.sum())
     loss.backward()
     assert tok.halt_mlp[0].weight.grad is not None and tok.error_embed.grad is not None
+
+
+def test_karl_halt_target_is_the_fewest_tokens_reaching_the_bin():
+    tok = tiny("karl")
+    gen = torch.Generator().manual_seed(0)
+    errors = torch.rand(16, 5, generator=gen) * 0.3  # [B, C]
+    counts = torch.tensor([8, 1, 2, 4, 6])
+    idx = torch.randint(len(tok.config.error_bins), (16,), generator=gen)
+    slow = []
+    for b in range(16):
+        ok = [int(n) for n, e in zip(counts, errors[b], strict=True) if int(tok.bin_index(e[None])) <= int(idx[b])]
+        slow.append(min(ok) if ok else 8)
+    assert tok.target_counts(errors, counts, idx).tolist() == slow
+
+
+@pytest.mark.parametrize("rule", ["min_count", "sampled"])
+def test_karl_flat_error_curve_gives_short_targets_not_the_sampled_count(rule, monkeypatch):
+    # The collapse: at tiny scale the reached error barely moves with the token count, so the literal rule (target =
+    # the sampled T for bin(e_T)) labels the same (image, bin) with every T, and the head learns one length. With
+    # the minimum-program target, a count that is already as good as T wins: here every count is lossless.
+    tok = tiny("karl", rebin_prob=0.0, halt_target=rule).train()
+    monkeypatch.setattr(tok, "sample_count", lambda: 8)
+    monkeypatch.setattr(tok, "_reached_error", lambda x, n, idx: torch.zeros(x.shape[0]))
+    labels = []
+    real_bce = F.binary_cross_entropy_with_logits
+    monkeypatch.setattr(
+        F, "binary_cross_entropy_with_logits", lambda a, t, **kw: labels.append(t) or real_bce(a, t, **kw)
+    )
+    _, logs = tok.training_loss(images(4))
+    phase_b = labels[-1]  # [B, K] halting labels of phase B
+    if rule == "sampled":
+        assert logs["target_b"] == 8 and not phase_b.bool().any()
+    else:
+        assert logs["target_b"] == 1 and torch.equal(phase_b, (torch.arange(8) >= 1).float().expand(4, 8))
 
 
 # ---------------------------------------------------------------------------------------------- save / load

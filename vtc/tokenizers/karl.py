@@ -18,11 +18,16 @@ What is implemented, as in the paper and its code:
      bins <= `phase_a_max_error` (0.04) that is decayed by `phase_a_decay` (0.99) for every bin >= the batch's
      smallest reached error (the reference's schedule), encode with T latents, train reconstruction + VQ + halting
      BCE towards "all active", and measure each image's reached L1 error e_T (no gradient);
-  B. *learn to halt*: encode with all K latents conditioned on bin(e_T); halting targets are 0 for tokens < T and
-     1 for tokens >= T (two BCE means, as in the reference), the decoder drops the tokens the head predicts as
-     halted (hard, no gradient through the mask), and reconstruction + VQ losses are added. As in the reference,
-     with probability `rebin_prob` (0.45) the condition is randomised when T is the largest count (any stricter or
-     equal bin, since all tokens are used anyway) or the smallest (any looser or equal bin);
+  B. *learn to halt*: encode with all K latents conditioned on bin(e_T); halting targets are 0 for tokens < T* and
+     1 for tokens >= T* (two BCE means, active and halted, as in the reference), the decoder drops the tokens the head
+     predicts as halted (hard, no gradient through the mask), and reconstruction + VQ losses are added. T* is the
+     **minimum program** for the condition (see "Why the head collapsed" below): phase A also measures, without
+     gradient, the error reached with the ladder s, 2s, 4s, ..., K tokens, and T* is the smallest measured count
+     (T included) whose error falls in a bin <= the condition's, K if none does. With probability `rebin_prob`
+     (0.45) the condition is a uniformly random bin instead of bin(e_T): a stricter bin than any measured count
+     reaches gets T* = K, a looser one the fewest tokens that reach it. This generalises the reference's two
+     rebinning cases (T = K: any stricter bin -> all tokens; T = s: any looser bin -> s tokens) to every count.
+     `halt_target="sampled"` keeps the literal rule (T* = T, rebinning only at T = K / T = s) as the ablation;
 - **inference is one encoder pass**: `encode(x, error=eps)` encodes K latents conditioned on eps and keeps the
   tokens with p_halt <= 0.75; `predict_num_tokens` returns their count per image.
 
@@ -31,6 +36,24 @@ space, reconstruction is pixel MSE (stage 2's LPIPS and GAN are not used); the k
 tokens as in the reference (not forced to be a prefix), and at least one token (the least-halted) is always kept;
 `encode(x, num_tokens=k)` without `error` encodes k latents conditioned on the strictest bin and keeps all k (the
 phase-A request); the rebinning special cases are generalised from the reference's T = 256 / T = 32 to T = K / T = s.
+
+Why the head collapsed with the literal rule, and the fix (issue 5). With T* = T the head is trained on (image,
+bin(e_T)) -> "halt after T", and its Bayes-optimal output is P(T <= i | image, bin). That is informative only if the
+reached error moves with T across bins. At tiny scale it does not: on the 25-minute CPU run (2 635 steps, 128 held-out
+images) e_T fell only from 0.132 (T = 2) to 0.125 (T = 32) on average, the mean per-image range over the 16 counts was
+0.014 L1 against an across-image spread (std) of 0.077, and an image's e_T landed in 1.96 distinct bins over its 16
+counts. So within every bin the sampled T stayed uniform (mean 14-21, std 8-10; uniform over {2..32} has 9.2), the
+condition carried no information about T, and the head learned the marginal P(T <= i), whose 0.75-crossing is ~24:
+22.4 +- 0.5 tokens, mean p_halt 0.467 for every request from 0.01 to 0.38. Not the cause: label balance (47% halted
+labels in phase B), gradient flow (error_embed grad norm 2e-2, halting head 1.4) or the condition token being lost:
+requests in bin 0.005 (where the phase-A schedule had moved all its mass, phase_a_probs = [1, 0, ...]) got all 32
+tokens. The minimum-program target removes the contradiction (the same image and bin now always get the same T*,
+the fewest tokens that are as good), which is the paper's objective: the shortest token program meeting the error.
+Measured: resuming that checkpoint for 450 steps with the fix (one thread, ~3 min), 256 held-out images, requests
+0.02 / 0.04 / 0.07 / 0.1 / 0.14 got 29.3 / 25.0 / 17.7 / 12.2 / 7.8 tokens (std 4-12), Spearman with PNG size
++0.33 .. +0.47, and at 0.07 flat images 6.8 vs cluttered 29.5 tokens; <= 0.01 keeps 32, >= 0.2 keeps 2. Each step
+costs ~5 extra no-gradient passes for the ladder; the fixed-length PSNR-vs-k curve stays flat (a reconstruction
+issue this fix does not address).
 """
 
 from __future__ import annotations
@@ -60,7 +83,8 @@ class KarlConfig(TokenizerConfig):
     count_step: int = 0  # phase A draws T from {s, 2s, ..., K}; 0 = max(1, K // 16)
     phase_a_max_error: float = 0.04  # phase A's eps distribution starts uniform over bins <= this
     phase_a_decay: float = 0.99  # per-iteration decay of phase-A bins >= the batch's smallest reached error
-    rebin_prob: float = 0.45  # probability of the randomised condition at T = K and T = s
+    rebin_prob: float = 0.45  # probability of the randomised condition (see the module docstring)
+    halt_target: str = "min_count"  # "min_count" (fixed, default) or "sampled" (the collapsing T-as-target rule)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +96,8 @@ class KarlConfig(TokenizerConfig):
             raise ValueError(f"halt_threshold={self.halt_threshold} must be in (0, 1)")
         if self.count_step < 0 or self.count_step > self.num_tokens:
             raise ValueError(f"count_step={self.count_step} must be in [0, num_tokens={self.num_tokens}]")
+        if self.halt_target not in ("min_count", "sampled"):
+            raise ValueError(f"halt_target={self.halt_target!r} must be 'min_count' or 'sampled'")
         if self.phase_a_max_error < bins[0]:
             raise ValueError(f"phase_a_max_error={self.phase_a_max_error} is below the smallest bin {bins[0]}")
 
@@ -199,6 +225,36 @@ class Karl(Tokenizer1D):
             return (idx.float() + torch.floor(u * (last - idx + 1).float())).long().clamp(max=last)
         return idx
 
+    def ladder(self) -> list[int]:
+        """Counts at which phase A also measures the reached error (no gradient): s, 2s, 4s, ... and K."""
+        c = self.config
+        out, n = [], c.step
+        while n < c.num_tokens:
+            out.append(n)
+            n *= 2
+        return out + [c.num_tokens]
+
+    def target_counts(self, errors: Tensor, counts: Tensor, idx: Tensor) -> Tensor:
+        """`[B]` halting target: the smallest count whose reached error's bin is <= the condition bin `idx`.
+
+        `errors [B, C]` are the errors reached with `counts [C]` tokens (any order); K when no count reaches the bin.
+        """
+        ok = self.bin_index(errors.reshape(-1)).reshape(errors.shape) <= idx[:, None]  # [B, C]
+        big = torch.full_like(errors, float(self.config.num_tokens), dtype=torch.float32)
+        return torch.where(ok, counts[None].float().expand_as(big), big).min(1).values.long()
+
+    @torch.no_grad()
+    def _reached_error(self, x: Tensor, n: int, idx: Tensor) -> Tensor:
+        """`[B]` mean L1 error (images in [0, 1]) reached with `n` tokens under condition `idx` (a measurement only:
+        the quantizer's dead-code bookkeeping is not advanced)."""
+        was = self.quantizer.training
+        self.quantizer.train(False)
+        try:
+            _, _, codes, _, _ = self._encode(x, n, idx)
+        finally:
+            self.quantizer.train(was)
+        return ((self.decoder(codes).clamp(-1, 1) - x).abs() / 2).mean((1, 2, 3))
+
     def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
         c = self.config
         x = self.check_images(images)
@@ -218,16 +274,27 @@ class Karl(Tokenizer1D):
                 probs[self.bins >= err.min()] *= c.phase_a_decay
                 self.phase_a_probs.copy_(probs / probs.sum())
 
-        # Phase B: all K latents conditioned on bin(e_T); learn to halt at T; decode what the head keeps.
-        idx_b = self.rebin(self.bin_index(err), t_count)
+        # Phase B: all K latents conditioned on bin(e_T); learn to halt; decode what the head keeps.
+        if c.halt_target == "sampled":  # the literal rule: target T for bin(e_T) (collapses at tiny scale)
+            idx_b = self.rebin(self.bin_index(err), t_count)
+            target = torch.full((b,), t_count, dtype=torch.long, device=x.device)
+        else:  # minimum program: the fewest measured tokens that reach the condition's bin
+            ladder = [n for n in self.ladder() if n != t_count]
+            errs = torch.stack([self._reached_error(x, n, idx_a) for n in ladder] + [err], 1)  # [B, C]
+            counts = torch.tensor(ladder + [t_count], device=x.device)
+            idx_b = self.bin_index(err)
+            if torch.rand(()) < c.rebin_prob:  # any bin: stricter than reachable -> K, looser -> fewer tokens
+                idx_b = torch.randint(len(c.error_bins), (b,), device=x.device)
+            target = self.target_counts(errs, counts, idx_b)
         _, logits_b, codes_b, _, q_b = self._encode(x, k, idx_b)
         keep_b = self.keep_from_logits(logits_b.detach(), at_least_one=False)
         rec_b = self.decoder(codes_b, keep_b)
         mse_b = F.mse_loss(rec_b, x)
-        halt_b = F.binary_cross_entropy_with_logits(logits_b[:, :t_count], torch.zeros_like(logits_b[:, :t_count]))
-        if t_count < k:
-            tail = logits_b[:, t_count:]
-            halt_b = halt_b + F.binary_cross_entropy_with_logits(tail, torch.ones_like(tail))
+        halted = torch.arange(k, device=x.device)[None] >= target[:, None]  # [B, K] halting labels
+        bce = F.binary_cross_entropy_with_logits(logits_b, halted.float(), reduction="none")
+        halt_b = (bce * ~halted).sum() / (~halted).sum().clamp_min(1)  # two means, as in the reference
+        if bool(halted.any()):
+            halt_b = halt_b + (bce * halted).sum() / halted.sum()
 
         total = mse_a + q_a + halt_a + mse_b + q_b + halt_b
         logs = {
@@ -238,5 +305,6 @@ class Karl(Tokenizer1D):
             "T": float(t_count),
             "err": float(err.mean()),
             "kept_b": float(keep_b.sum(1).float().mean()),
+            "target_b": float(target.float().mean()),
         }
         return total, logs
