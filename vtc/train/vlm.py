@@ -275,14 +275,14 @@ class DenseHeads(nn.Module):
             ce = nn.functional.cross_entropy(head(feats).flatten(0, 1).float(), lab[:, i].flatten(), reduction="none")
             term = (ce * w.flatten()).sum() / w.sum()
             total = total + term
-            logs[("colour", "shape", "letter", "centre")[i]] = float(term)
+            logs[("colour", "shape", "letter", "centre")[i]] = float(term.detach())
         if with_pos:
             rows = torch.arange(grid, device=feats.device).repeat_interleave(grid).float() / (grid - 1)
             cols = torch.arange(grid, device=feats.device).repeat(grid).float() / (grid - 1)
             target = torch.stack([rows, cols], -1).expand(feats.shape[0], -1, -1)
             mse = nn.functional.mse_loss(self.pos(feats).float(), target) * 20
             total = total + mse
-            logs["pos"] = float(mse)
+            logs["pos"] = float(mse.detach())
         return total, logs
 
 

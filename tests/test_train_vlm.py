@@ -1,0 +1,117 @@
+"""`vtc train vlm`: the grounding loss against eager attention, the standardisation fold, a resumable smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from vtc.eval.benchmarks import shapes as S
+
+from vtc.train import vlm
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tok = vlm.build_tokenizer()
+    return vlm.build_model("llava", len(tok), image_size=32).eval(), tok
+
+
+def test_grounding_loss_matches_eager_attention(tiny):
+    model, tok = tiny
+    n = 16  # 4×4 tokens at 32 px
+    prefix = vlm.image_prefix("llava", n)
+    turns = [("what colour is the circle ?", "red"), ("how many squares are there ?", "two")]
+    rows: list[int] = []
+    ids, _ = vlm.build_sequence(prefix, turns, tok, rows)
+    ids_t = torch.tensor([ids, ids])
+    mask = torch.ones_like(ids_t)
+    feats = torch.randn(2, n, model.config.text_config.hidden_size)
+    targets = [[[1, 2, 5], [7]], [[3], []]]
+    layers = model.model.language_model.layers
+    cap = vlm.AttentionCapture({i: layers[i].self_attn for i in range(1, len(layers))})
+    with torch.no_grad(), cap:
+        vlm.lm_forward(model, "llava", ids_t, mask, feats, 4, None)
+        got = vlm.grounding_loss(cap.store, [rows, rows], targets)
+    # reference: eager attention probabilities of head 0 from the model itself
+    model.config._attn_implementation = "eager"
+    model.model.language_model.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            emb = model.get_input_embeddings()(ids_t).masked_scatter((ids_t == 4)[..., None], feats)
+            out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, output_attentions=True)
+    finally:
+        model.config._attn_implementation = "sdpa"
+        model.model.language_model.config._attn_implementation = "sdpa"
+    ref = []
+    for layer in range(1, len(layers)):
+        for b in range(2):
+            for r, cols in zip(rows, targets[b], strict=True):
+                if cols:
+                    ref.append(-torch.log(out.attentions[layer][b, 0, r, cols].sum()))
+    assert torch.allclose(got, torch.stack(ref).mean(), atol=1e-5)
+    assert rows == [len(prefix) + 5, len(prefix) + 5 + 2 + 6]  # the last question token of each turn
+
+
+def test_standardize_projector_is_an_exact_fold(tiny):
+    model, _ = tiny
+    model = type(model)(model.config).eval()
+    pix = {"pixel_values": torch.randn(3, 3, 32, 32)}
+    with torch.no_grad():
+        before = vlm.image_features(model, pix, "llava")
+        vlm.standardize_projector(model, "llava", before)
+        after = vlm.image_features(model, pix, "llava")
+    flat = before.flatten(0, 1)
+    want = (before - flat.mean(0)) / flat.std(0).clamp_min(1e-3)
+    assert torch.allclose(after, want, atol=1e-4)
+    assert after.flatten(0, 1).mean(0).abs().max() < 1e-4
+
+
+def test_referred_objects():
+    for seed in range(30):
+        scene = S.make_scene(seed)
+        rng = np.random.default_rng(seed)
+        for qtype in S.QTYPES:
+            qa = S.ask(scene, qtype, rng)
+            if qa is None:
+                continue
+            ref = scene.referred(qa[0])
+            if qtype == "colour":
+                assert [scene.objects[i].colour for i in ref] == [qa[1]]
+            if qtype == "shape":
+                assert [scene.objects[i].shape for i in ref] == [qa[1]]
+            if qtype == "count":
+                assert len(ref) == S.NUMBERS.index(qa[1])
+            if qtype == "text":
+                assert ref == [len(scene.objects)]
+            if qtype == "spatial":
+                assert len(ref) == 2
+
+
+def test_smoke_run_resumes_and_exports(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg = vlm.TrainConfig(family="qwen2_vl", pool=8, dense_steps=2, dense_batch=2, lm_steps=2, lm_batch=2,
+                          qa_per_image=2, val_per_type=1, threads=1, checkpoint_every=1)  # fmt: skip
+    out = tmp_path / "m"
+    vlm.train_vlm(cfg, out, log=lambda *_: None)
+    log = [json.loads(x) for x in (out / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log if r["stage"] in ("dense", "lm")] == ["dense", "lm"]
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    sample = S.ShapesBenchmark(per_type=1)[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    )
+    inputs = processor(images=sample.images, text=[text], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
+    model.generate(**inputs, max_new_tokens=2)
+    # a second call finds every stage done: nothing is trained again, the saved model is unchanged
+    before = (out / "model.safetensors").read_bytes()
+    vlm.train_vlm(cfg, out, log=lambda *_: None)
+    log2 = [json.loads(x) for x in (out / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in log2 if r["stage"] in ("dense", "lm")] == [r for r in log if r["stage"] in ("dense", "lm")]
+    vlm.export_checkpoint(cfg, out, log=lambda *_: None)
+    assert (out / "model.safetensors").read_bytes() == before
