@@ -10,32 +10,27 @@ IMAGE_TOKEN = 3
 PAD = 0
 
 
+def _clip_and_llama(image_size: int, patch: int):
+    """The 3-layer CLIP tower and 3-layer Llama (width 32) that the tiny LLaVA and LLaVA-NeXT share."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=image_size,
+        patch_size=patch, projection_dim=32,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return vision, text
+
+
 def tiny_llava(seed: int = 0, image_size: int = 32, patch: int = 4, attn: str = "sdpa"):
     """A LlavaForConditionalGeneration with a 2-layer CLIP tower (8×8 = 64 patches) and a 2-layer Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    vision, text = _clip_and_llama(image_size, patch)
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -177,30 +172,10 @@ NEXT_PINPOINTS = [[16, 32], [32, 16], [32, 32]]  # (height, width): 1×2, 2×1 o
 def tiny_llava_next(seed: int = 0, attn: str = "sdpa"):
     """A LlavaNextForConditionalGeneration: 3-layer CLIP on 16 px views (patch 4: 4×4 tokens per view), AnyRes
     with 2–4 crops (`NEXT_PINPOINTS`), and a 3-layer Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=16,
-        patch_size=4,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    vision, text = _clip_and_llama(16, 4)
     cfg = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
