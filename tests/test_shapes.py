@@ -115,10 +115,29 @@ def test_hires_variant_has_small_objects():
     assert frac < 0.1  # most tokens are background
 
 
+def test_dense_variant_labels_every_letter_tag():
+    """The pretraining variant: crowded scenes with 2-4 tags, each tag's cells labelled with its own letter and
+    drawn dark on white; benchmark variants keep at most one tag (the one questions ask about)."""
+    for seed in range(6):
+        scene = S.make_scene(seed, "dense")
+        assert len(scene.objects) >= 10 and 2 <= len(scene.tags()) <= 4
+        assert scene.tags()[0] == (scene.letter, scene.letter_box)
+        maps, img = scene.label_maps(24), scene.render()
+        for ch, (x0, y0, x1, y1) in scene.tags():
+            g0, g1 = (y0 + y1) // 2 * 24 // scene.size, (x0 + x1) // 2 * 24 // scene.size
+            assert maps["letter"][g0, g1] == S.LETTERS.index(ch) + 1  # the tag's centre cell
+            patch = img[y0 : y1 + 1, x0 : x1 + 1]
+            assert (patch.mean(-1) < 60).any() and (patch.mean(-1) > 240).mean() > 0.5
+        assert set(np.unique(maps["letter"])) == {0} | {S.LETTERS.index(ch) + 1 for ch, _ in scene.tags()}
+    assert all(len(S.make_scene(seed).tags()) <= 1 for seed in range(20))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="variant"):
         S.make_scene(0, "huge")
     with pytest.raises(ValueError, match="split"):
         create_benchmark("shapes", split="train")
+    with pytest.raises(ValueError, match="'dense'"):
+        create_benchmark("shapes", variant="dense")
     with pytest.raises(ValueError, match="per_type"):
         create_benchmark("shapes", per_type=0)

@@ -69,6 +69,22 @@ def test_standardize_projector_is_an_exact_fold(tiny):
     assert after.flatten(0, 1).mean(0).abs().max() < 1e-4
 
 
+def test_dense_head_accuracy_counts_labelled_cells_only():
+    heads = vlm.DenseHeads(8)
+    labels = torch.zeros(2, 4, 3, 3, dtype=torch.long)
+    labels[0, 0, 1, 1], labels[0, 1, 1, 1], labels[1, 0, 0, 2], labels[1, 1, 0, 2] = 2, 3, 5, 1
+    feats = torch.randn(2, 9, 8)
+    ref = {}
+    for i, name in enumerate(("colour", "shape")):
+        pred = getattr(heads, name)(feats).argmax(-1)  # [2, 9]
+        y = labels[:, i].flatten(1)
+        hits = [bool(pred[b, j] == y[b, j]) for b in range(2) for j in range(9) if y[b, j] > 0]
+        ref[f"acc_{name}"] = sum(hits) / len(hits)
+    got = heads.accuracy(feats, labels)
+    assert set(got) == {"acc_colour", "acc_shape"}  # no letter or centre cell is labelled: not reported
+    assert got == pytest.approx(ref, abs=1e-4)
+
+
 def test_referred_objects():
     for seed in range(30):
         scene = S.make_scene(seed)
@@ -93,8 +109,8 @@ def test_referred_objects():
 def test_smoke_run_resumes_and_exports(tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    cfg = vlm.TrainConfig(family="qwen2_vl", pool=8, dense_steps=2, dense_batch=2, lm_steps=2, lm_batch=2,
-                          qa_per_image=2, val_per_type=1, threads=1, checkpoint_every=1)  # fmt: skip
+    cfg = vlm.TrainConfig(family="qwen2_vl", pool=8, dense_pool=4, dense_steps=2, dense_batch=2, lm_steps=2,
+                          lm_batch=2, qa_per_image=2, val_per_type=1, threads=1, checkpoint_every=1)  # fmt: skip
     out = tmp_path / "m"
     vlm.train_vlm(cfg, out, log=lambda *_: None)
     log = [json.loads(x) for x in (out / "work" / "log.jsonl").read_text().splitlines()]

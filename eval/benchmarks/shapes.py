@@ -46,7 +46,14 @@ RELATIONS = ["left", "right", "above", "below"]
 QTYPES = ("existence", "count", "colour", "shape", "spatial", "text")
 VIDEO_QTYPES = ("frame", "order")
 TEST_SEED = 10**9  # test samples use seeds TEST_SEED + i; training uses seeds < TEST_SEED
-VARIANTS = {"base": (192, 2, 6), "hires": (384, 3, 8), "video": (192, 2, 4)}  # size, min objects, max objects
+# size, min objects, max objects, object radius range (px), letter-tag side range (px)
+VARIANTS = {
+    "base": (192, 2, 6, (7.0, 11.5), (22, 27)),
+    "hires": (384, 3, 8, (7.0, 11.5), (22, 27)),
+    "video": (192, 2, 4, (7.0, 11.5), (22, 27)),
+    # crowded scenes with 2-4 letter tags, for the tiny VLMs' dense vision pretraining (4x the labelled cells)
+    "dense": (192, 12, 18, (7.0, 11.5), (22, 27)),
+}
 
 
 @dataclass
@@ -71,6 +78,7 @@ class Scene:
     letter_box: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1
     frames: int = 1
     seed: int = 0
+    extra_letters: list[tuple[str, tuple[int, int, int, int]]] = field(default_factory=list)  # "dense" variant
     _bg: np.ndarray | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ rendering
@@ -83,14 +91,19 @@ class Scene:
             if self.frames > 1 and o.frame != (frame or 0):
                 continue
             _draw(img, o, cv2)
-        if self.letter is not None and (self.frames == 1 or (frame or 0) == 0):
-            x0, y0, x1, y1 = self.letter_box
-            cv2.rectangle(img, (x0, y0), (x1, y1), (250, 250, 250), -1)
-            scale = (y1 - y0) / 30.0
-            (tw, th), _ = cv2.getTextSize(self.letter.upper(), cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
-            org = (x0 + (x1 - x0 - tw) // 2, y0 + (y1 - y0 + th) // 2)
-            cv2.putText(img, self.letter.upper(), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (10, 10, 10), 2, cv2.LINE_AA)
+        if self.frames == 1 or (frame or 0) == 0:
+            for letter, (x0, y0, x1, y1) in self.tags():
+                cv2.rectangle(img, (x0, y0), (x1, y1), (250, 250, 250), -1)
+                scale = (y1 - y0) / 30.0
+                (tw, th), _ = cv2.getTextSize(letter.upper(), cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
+                org = (x0 + (x1 - x0 - tw) // 2, y0 + (y1 - y0 + th) // 2)
+                cv2.putText(img, letter.upper(), org, cv2.FONT_HERSHEY_SIMPLEX, scale, (10, 10, 10), 2, cv2.LINE_AA)
         return img
+
+    def tags(self) -> list[tuple[str, tuple[int, int, int, int]]]:
+        """Every letter tag (letter, box): the question-able one first, then the "dense" variant's extras."""
+        first = [(self.letter, self.letter_box)] if self.letter is not None else []
+        return first + list(self.extra_letters)
 
     def images(self) -> list[np.ndarray]:
         return [self.render(f) for f in range(self.frames)]
@@ -107,8 +120,8 @@ class Scene:
 
     # ------------------------------------------------------------------ dense targets
     def object_map(self, grid: int, frame: int = 0) -> np.ndarray:
-        """`[grid, grid]` int: the object covering most of each cell (i + 1 for object i, len(objects) + 1 for the
-        letter tag, 0 for background) if it covers >= 20% of the cell."""
+        """`[grid, grid]` int: the object covering most of each cell (i + 1 for object i, len(objects) + 1 + j for
+        letter tag j, 0 for background) if it covers >= 20% of the cell."""
         import cv2
 
         ids = np.zeros((self.size, self.size), np.int32)
@@ -116,9 +129,9 @@ class Scene:
             if self.frames > 1 and o.frame != frame:
                 continue
             _draw(ids, o, cv2, value=i + 1)
-        if self.letter is not None and (self.frames == 1 or frame == 0):
-            x0, y0, x1, y1 = self.letter_box
-            ids[y0 : y1 + 1, x0 : x1 + 1] = len(self.objects) + 1
+        if self.frames == 1 or frame == 0:
+            for j, (_, (x0, y0, x1, y1)) in enumerate(self.tags()):
+                ids[y0 : y1 + 1, x0 : x1 + 1] = len(self.objects) + 1 + j
         cell = self.size / grid
         out = np.zeros((grid, grid), np.int64)
         for gy in range(grid):
@@ -139,8 +152,8 @@ class Scene:
         for i, o in enumerate(self.objects):
             colour[ids == i + 1] = list(COLOURS).index(o.colour) + 1
             shape[ids == i + 1] = SHAPES.index(o.shape) + 1
-        if self.letter is not None:
-            letter[ids == len(self.objects) + 1] = LETTERS.index(self.letter) + 1
+        for j, (ch, _) in enumerate(self.tags()):
+            letter[ids == len(self.objects) + 1 + j] = LETTERS.index(ch) + 1
         cell = self.size / grid
         for o in self.objects:
             if self.frames > 1 and o.frame != frame:
@@ -191,34 +204,37 @@ def _draw(img: np.ndarray, o: Obj, cv2, value=None) -> None:
 
 
 def make_scene(seed: int, variant: str = "base") -> Scene:
-    """The scene of one seed: deterministic, non-overlapping objects, a letter tag in half of the scenes."""
+    """The scene of one seed: deterministic, non-overlapping objects, a letter tag in half of the scenes (2-4 tags
+    in the "dense" pretraining variant)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown vtc-shapes variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    size, lo, hi = VARIANTS[variant]
+    size, lo, hi, (r_lo, r_hi), (s_lo, s_hi) = VARIANTS[variant]
     rng = np.random.default_rng(seed)
     frames = 4 if variant == "video" else 1
     n = int(rng.integers(lo, hi + 1))
     if variant == "video":
         n = 4  # one object per frame, in a random order of appearance
     boxes: list[tuple[float, float, float]] = []
-    letter = letter_box = None
-    if variant != "video" and rng.random() < 0.5:
+    tags: list[tuple[str, tuple[int, int, int, int]]] = []
+    if variant == "dense":
+        n_tags = int(rng.integers(2, 5))
+    else:
+        n_tags = int(variant != "video" and rng.random() < 0.5)
+    for _ in range(n_tags):
         letter = str(rng.choice(LETTERS))
-        side = int(rng.integers(22, 27))
+        side = int(rng.integers(s_lo, s_hi))
         for _ in range(100):
             x0, y0 = (int(v) for v in rng.integers(4, size - side - 4, 2))
             c = (x0 + side / 2, y0 + side / 2, side * 0.75)
             if all(np.hypot(c[0] - b[0], c[1] - b[1]) > c[2] + b[2] + 3 for b in boxes):
                 boxes.append(c)
-                letter_box = (x0, y0, x0 + side, y0 + side)
+                tags.append((letter, (x0, y0, x0 + side, y0 + side)))
                 break
-        else:
-            letter = None
     objects: list[Obj] = []
     order = rng.permutation(4) if variant == "video" else None
     for i in range(n):
         for _ in range(200):
-            r = float(rng.uniform(7, 11.5))
+            r = float(rng.uniform(r_lo, r_hi))
             cx, cy = (float(v) for v in rng.uniform(r + 3, size - r - 3, 2))
             if all(np.hypot(cx - b[0], cy - b[1]) > r + b[2] + 4 for b in boxes):
                 break
@@ -233,7 +249,8 @@ def make_scene(seed: int, variant: str = "base") -> Scene:
             while o.name in seen:
                 o.colour = str(rng.choice(list(COLOURS)))
             seen.add(o.name)
-    return Scene(size, objects, letter, letter_box, frames, seed)
+    letter, letter_box = tags[0] if tags else (None, None)
+    return Scene(size, objects, letter, letter_box, frames, seed, extra_letters=tags[1:])
 
 
 # ---------------------------------------------------------------------- questions
@@ -327,6 +344,11 @@ class ShapesBenchmark(Benchmark):
             raise ValueError(f"vtc-shapes split {split!r} is not one of 'test', 'val'")
         if per_type < 1:
             raise ValueError(f"per_type must be >= 1, got {per_type}")
+        if variant not in ("base", "hires", "video"):
+            raise ValueError(
+                f"vtc-shapes benchmark variant {variant!r} is not one of 'base', 'hires', 'video' ('dense' scenes are "
+                "for the tiny VLMs' vision pretraining only)"
+            )
         qtypes = VIDEO_QTYPES if variant == "video" else QTYPES
         base = TEST_SEED if split == "test" else TEST_SEED + 10**8
         base += {"base": 0, "hires": 3 * 10**7, "video": 6 * 10**7}[variant]
