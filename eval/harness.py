@@ -1,6 +1,6 @@
 """`vtc eval`: every method at every budget on one model and one benchmark, resumable and data-parallel.
 
-    vtc eval --model tiny-llava-shapes --bench shapes --methods all --budgets 16,32,64,128,192
+    vtc eval --model tiny-qwen2-vl-shapes --bench shapes --methods all --budgets 16,32,64,128
 
 For each (method, budget) — plus the full-token run of the same model in the same harness — and each sample it
 records the prediction and its score, the visual tokens the LLM actually received (layer-averaged for in-LLM
@@ -40,11 +40,11 @@ ASSETS = Path(os.environ.get("VTC_ASSETS", Path(__file__).resolve().parent.paren
 
 @dataclass
 class EvalConfig:
-    model: str = "tiny-llava-shapes"
+    model: str = "tiny-qwen2-vl-shapes"
     bench: str = "shapes"
     bench_args: dict[str, Any] = field(default_factory=dict)
     methods: Sequence[str] = ("all",)
-    budgets: Sequence[int | float] = (16, 32, 64, 128, 192)
+    budgets: Sequence[int | float] = (16, 32, 64, 128)  # valid for every shipped model (Qwen2-VL: 144 tokens)
     batch_size: int = 8
     limit: int | None = None
     out: str | Path | None = None
@@ -58,7 +58,7 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------- loading
 def resolve_model_path(name: str) -> str:
-    """An assets name (`tiny-llava-shapes`), a local folder, or a hub id (returned unchanged)."""
+    """An assets name (`tiny-qwen2-vl-shapes`), a local folder, or a hub id (returned unchanged)."""
     if (ASSETS / name / "config.json").exists():
         return str(ASSETS / name)
     if Path(name).expanduser().exists():

@@ -1,6 +1,6 @@
 """The `vtc` command line.
 
-vtc eval --model tiny-llava-shapes --bench shapes --methods all --budgets 16,32,64,128,192
+vtc eval --model tiny-qwen2-vl-shapes --bench shapes --methods all --budgets 16,32,64,128
 vtc train vlm llava --out assets/tiny-llava-shapes
 vtc train tokenizer flextok
 vtc viz --image photo.png --method divprune --budget 64 --out kept.png
@@ -18,12 +18,12 @@ from pathlib import Path
 
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="compare methods and budgets on a model and a benchmark (resumable)")
-    p.add_argument("--model", default="tiny-llava-shapes", help="assets name, local folder or hub id")
+    p.add_argument("--model", default="tiny-qwen2-vl-shapes", help="assets name, local folder or hub id")
     p.add_argument("--bench", default="shapes", help="benchmark name (vtc list benchmarks)")
     p.add_argument("--bench-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="benchmark option, e.g. --bench-arg path=~/data/pope")  # fmt: skip
     p.add_argument("--methods", default="all", help="comma-separated names or wildcards, or 'all'")
-    p.add_argument("--budgets", default="16,32,64,128,192", help="tokens per image (ints) or fractions")
+    p.add_argument("--budgets", default="16,32,64,128", help="tokens per image (ints) or fractions")
     p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="reducer option, e.g. --method-arg fastv.layer=2 (JSON values)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N samples only")
