@@ -166,13 +166,19 @@ def test_batch_equals_single_runs(llava, case):
                 "attention_mask": batch["attention_mask"][b : b + 1, pad:],
                 "pixel_values": batch["pixel_values"][b : b + 1],
             }
-            single = llava(**one).logits[:, -1]
-            one_stages, _, _ = _stages(llava)
-            torch.testing.assert_close(single[0], logits[b], atol=1e-4, rtol=1e-4)
-            assert torch.equal(adapter_of(llava).last["visual_tokens_per_layer"][0], per_layer[b])
-            for (s, cols), (s1, cols1) in zip(stages, one_stages, strict=True):
-                kept = set(cols[b].tolist()) - set(range(pad))
-                assert s == s1 and kept == {c + pad for c in cols1[0].tolist()}
+            _assert_single_matches_batch(llava, one, logits, stages, per_layer, b, pad)
+
+
+def _assert_single_matches_batch(m, one, logits, stages, per_layer, b, pad):
+    """Sample `b` run alone (`one`, its prompt without the batch's `pad` left-padding) gives the batched logits,
+    visual-token counts per layer and kept columns at every stage."""
+    single = m(**one).logits[:, -1]
+    one_stages, _, _ = _stages(m)
+    torch.testing.assert_close(single[0], logits[b], atol=1e-4, rtol=1e-4)
+    assert torch.equal(adapter_of(m).last["visual_tokens_per_layer"][0], per_layer[b])
+    for (s, cols), (s1, cols1) in zip(stages, one_stages, strict=True):
+        kept = set(cols[b].tolist()) - set(range(pad))
+        assert s == s1 and kept == {c + pad for c in cols1[0].tolist()}
 
 
 @pytest.mark.parametrize("name", ["sparsevlm", "atp_llm", "todre_llm"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_adapter_qwen2_vl import GRIDS, PROMPTS, VIDEO_IMAGES, VIDEOS, _masked_reference
-from test_in_llm_methods import _counts_per_layer, _recycling, _stages
+from test_in_llm_methods import _assert_single_matches_batch, _counts_per_layer, _gen, _recycling, _stages
 from tiny_models import qwen_batch, qwen_video_batch, stage_masked_attention, tiny_qwen2_5_vl, tiny_qwen2_vl
 from vtc.adapters import adapter_of
 
@@ -35,11 +35,6 @@ CASES = {  # id → (reducer, budget, config); the tiny LLMs have 3 layers
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def model(request):
     return BUILDERS[request.param](seed=3)
-
-
-def _gen(m, batch, n=3):
-    with torch.no_grad():
-        return m.generate(**batch, max_new_tokens=n, do_sample=False)
 
 
 def _reference(m, batch, stages, recycled, ids=None):
@@ -105,13 +100,7 @@ def test_batch_equals_single_runs(model, case):
             assert torch.equal(one["input_ids"][0], batch["input_ids"][b, pad:])
             one["pixel_values"] = batch["pixel_values"][start : start + one["pixel_values"].shape[0]]
             start += one["pixel_values"].shape[0]
-            single = model(**one).logits[:, -1]
-            one_stages, _, _ = _stages(model)
-            torch.testing.assert_close(single[0], logits[b], atol=1e-4, rtol=1e-4)
-            assert torch.equal(adapter_of(model).last["visual_tokens_per_layer"][0], per_layer[b])
-            for (s, cols), (s1, cols1) in zip(stages, one_stages, strict=True):
-                kept = set(cols[b].tolist()) - set(range(pad))
-                assert s == s1 and kept == {c + pad for c in cols1[0].tolist()}
+            _assert_single_matches_batch(model, one, logits, stages, per_layer, b, pad)
 
 
 @pytest.mark.parametrize("name", ["sparsevlm", "atp_llm", "todre_llm"])

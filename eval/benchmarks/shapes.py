@@ -54,6 +54,7 @@ VARIANTS = {
     # crowded scenes with 2-4 letter tags, for the tiny VLMs' dense vision pretraining (4x the labelled cells)
     "dense": (192, 12, 18, (7.0, 11.5), (22, 27)),
 }
+BENCH_SEEDS = {"base": 0, "hires": 3 * 10**7, "video": 6 * 10**7}  # the benchmark variants' seed offsets
 
 
 @dataclass
@@ -344,14 +345,14 @@ class ShapesBenchmark(Benchmark):
             raise ValueError(f"vtc-shapes split {split!r} is not one of 'test', 'val'")
         if per_type < 1:
             raise ValueError(f"per_type must be >= 1, got {per_type}")
-        if variant not in ("base", "hires", "video"):
+        if variant not in BENCH_SEEDS:
             raise ValueError(
-                f"vtc-shapes benchmark variant {variant!r} is not one of 'base', 'hires', 'video' ('dense' scenes are "
+                f"vtc-shapes benchmark variant {variant!r} is not one of {sorted(BENCH_SEEDS)} ('dense' scenes are "
                 "for the tiny VLMs' vision pretraining only)"
             )
         qtypes = VIDEO_QTYPES if variant == "video" else QTYPES
         base = TEST_SEED if split == "test" else TEST_SEED + 10**8
-        base += {"base": 0, "hires": 3 * 10**7, "video": 6 * 10**7}[variant]
+        base += BENCH_SEEDS[variant]
         samples: list[Sample] = []
         seed = base
         for qtype in qtypes:

@@ -14,7 +14,7 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
    scenes is logged (`dense_val` in work/log.jsonl): the questions can only be answered from what these tokens hold.
 2. `cache`: the tower and projector are frozen; their outputs for a pool of training scenes are computed once.
 3. `lm`: the language model learns from sequences of one image followed by many question-answer turns (each image's
-   576 tokens are paid for once per ~12 supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
+   576 tokens are paid for once per ~20 supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
    position (2-D RoPE only), an auxiliary head reads each visual token's row and column from the LM's first layer,
    so the LM learns where its tokens are; the head is discarded.
 
@@ -55,6 +55,7 @@ CHAT_TEMPLATE = {
     "{% endfor %}{% endfor %}",
 }
 IMAGE_SIZE = 192
+ATTRS = ("colour", "shape", "letter", "centre")  # the per-cell label maps, in this order
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _render(args: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
     seed, grid, variant = args
     scene = S.make_scene(seed, variant)
     m = scene.label_maps(grid)
-    return scene.render(), np.stack([m["colour"], m["shape"], m["letter"], m["centre"]])
+    return scene.render(), np.stack([m[k] for k in ATTRS])
 
 
 def render_pool(
@@ -237,6 +238,13 @@ def load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optim
     return meta
 
 
+def grid_positions(grid: int) -> Tensor:
+    """[G*G, 2] (row, column) of every cell of a `grid` x `grid` raster, scaled to [0, 1]."""
+    rows = torch.arange(grid).repeat_interleave(grid).float() / (grid - 1)
+    cols = torch.arange(grid).repeat(grid).float() / (grid - 1)
+    return torch.stack([rows, cols], -1)
+
+
 def lr_at(step: int, total: int, base: float, warmup: int = 100) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -282,15 +290,14 @@ class DenseHeads(nn.Module):
         fg = (lab[:, 0] > 0) | (lab[:, 2] > 0)
         w = 1.0 + fg_weight * fg.float()  # foreground cells are few and hold all the answers: weight them up
         logs, total = {}, feats.new_zeros(())
-        for i, head in enumerate((self.colour, self.shape, self.letter, self.centre)):
-            ce = nn.functional.cross_entropy(head(feats).flatten(0, 1).float(), lab[:, i].flatten(), reduction="none")
+        for i, name in enumerate(ATTRS):
+            logits = getattr(self, name)(feats).flatten(0, 1).float()
+            ce = nn.functional.cross_entropy(logits, lab[:, i].flatten(), reduction="none")
             term = (ce * w.flatten()).sum() / w.sum()
             total = total + term
-            logs[("colour", "shape", "letter", "centre")[i]] = float(term.detach())
+            logs[name] = float(term.detach())
         if with_pos:
-            rows = torch.arange(grid, device=feats.device).repeat_interleave(grid).float() / (grid - 1)
-            cols = torch.arange(grid, device=feats.device).repeat(grid).float() / (grid - 1)
-            target = torch.stack([rows, cols], -1).expand(feats.shape[0], -1, -1)
+            target = grid_positions(grid).to(feats.device).expand(feats.shape[0], -1, -1)
             mse = nn.functional.mse_loss(self.pos(feats).float(), target) * 20
             total = total + mse
             logs["pos"] = float(mse.detach())
@@ -302,7 +309,7 @@ class DenseHeads(nn.Module):
         the number that says whether the visual tokens hold what the questions ask about."""
         lab = labels.flatten(2)  # [B, 4, G*G]
         out = {}
-        for i, name in enumerate(("colour", "shape", "letter", "centre")):
+        for i, name in enumerate(ATTRS):
             y = lab[:, i]
             pred = getattr(self, name)(feats.float()).argmax(-1)
             if (y > 0).any():
@@ -593,11 +600,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             aux_loss = torch.zeros(())
             if use_aux:
                 vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
-                rows = torch.arange(grid).repeat_interleave(grid).float() / (grid - 1)
-                cols = torch.arange(grid).repeat(grid).float() / (grid - 1)
-                aux_loss = 20 * nn.functional.mse_loss(
-                    aux(vis).float(), torch.stack([rows, cols], -1).expand(len(batch), -1, -1)
-                )
+                target = grid_positions(grid).expand(len(batch), -1, -1)
+                aux_loss = 20 * nn.functional.mse_loss(aux(vis).float(), target)
         opt3.zero_grad(set_to_none=True)
         (loss + aux_loss + cfg.attn_sup * ground).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
