@@ -5,6 +5,8 @@ features of the selected vision layer, the CLS-attention logits and keys of one 
 hooks on its `q_proj` / `k_proj`, so the stock SDPA attention runs unchanged), and the `(24, 24)` grid.
 By default that layer is the one producing the features (`vision_feature_layer`, -2 for LLaVA-1.5), as FasterVLM
 and VisionZip use; `vision_layer=` picks another.
+A vision tower without ViT layers (`vtc.tokenizers.tower.TokenizerTower`, a 1-D tokenizer) gives its ordered token
+codes, no CLS attention and no grid, plus the per-image `lengths` an adaptive tokenizer chose.
 """
 
 from __future__ import annotations
@@ -85,20 +87,27 @@ class LlavaAdapter(VLMAdapter):
         if not isinstance(feat_layer, int):
             raise ValueError(f"vtc: multi-layer vision features ({feat_layer}) are not supported yet")
         tower = inner.vision_tower
-        layers = encoder_layers(tower)
-        li = clip_layer_for_hidden_state(len(layers), self.config.vision_layer or feat_layer)
-        attn = layers[li].self_attn
+        try:
+            layers = encoder_layers(tower)
+        except TypeError:  # not a ViT (a 1-D tokenizer tower): no CLS attention, maybe per-image lengths
+            layers = None
         with _Capture() as cap:
             cap.input(inner.multi_modal_projector, "features")
-            cap.output(attn.q_proj, "q")
-            cap.output(attn.k_proj, "k")
+            if layers is not None:
+                li = clip_layer_for_hidden_state(len(layers), self.config.vision_layer or feat_layer)
+                attn = layers[li].self_attn
+                cap.output(attn.q_proj, "q")
+                cap.output(attn.k_proj, "k")
             out = inner.get_image_features(
                 pixel_values=pixel_values, vision_feature_layer=feat_layer, vision_feature_select_strategy=strategy
             )
         tokens = torch.stack(list(out.pooler_output))  # [n_img, N, D]
-        prefix = 1 if strategy == "default" else 0
-        logits, keys = cls_logits_and_keys(cap.values["q"], cap.values["k"], attn.num_heads, attn.scale, prefix)
+        logits = keys = None
+        if layers is not None:
+            prefix = 1 if strategy == "default" else 0
+            logits, keys = cls_logits_and_keys(cap.values["q"], cap.values["k"], attn.num_heads, attn.scale, prefix)
         n = tokens.shape[1]
         side = math.isqrt(n)
-        grid = (side, side) if side * side == n else None
-        return [VisualTokens(tokens=tokens, features=cap.values["features"], cls_attn=logits, keys=keys, grid=grid)]
+        grid = (side, side) if side * side == n and layers is not None else None
+        lengths = getattr(out, "lengths", None)
+        return [VisualTokens(tokens, cap.values["features"], logits, keys, grid, lengths=lengths)]

@@ -29,7 +29,7 @@ def test_grounding_loss_matches_eager_attention(tiny):
     ids_t = torch.tensor([ids, ids])
     mask = torch.ones_like(ids_t)
     feats = torch.randn(2, n, model.config.text_config.hidden_size)
-    targets = [[[1, 2, 5], [7]], [[3], []]]
+    targets = [[[[1, 2, 5]], [[7], [len(prefix) - 1]]], [[[3]], [[], [2]]]]  # [batch][turn][head]
     layers = model.model.language_model.layers
     cap = vlm.AttentionCapture({i: layers[i].self_attn for i in range(1, len(layers))})
     with torch.no_grad(), cap:
@@ -48,9 +48,10 @@ def test_grounding_loss_matches_eager_attention(tiny):
     ref = []
     for layer in range(1, len(layers)):
         for b in range(2):
-            for r, cols in zip(rows, targets[b], strict=True):
-                if cols:
-                    ref.append(-torch.log(out.attentions[layer][b, 0, r, cols].sum()))
+            for r, per_head in zip(rows, targets[b], strict=True):
+                for head, cols in enumerate(per_head):
+                    if cols:
+                        ref.append(-torch.log(out.attentions[layer][b, head, r, cols].sum()))
     assert torch.allclose(got, torch.stack(ref).mean(), atol=1e-5)
     assert rows == [len(prefix) + 5, len(prefix) + 5 + 2 + 6]  # the last question token of each turn
 
@@ -131,3 +132,23 @@ def test_smoke_run_resumes_and_exports(tmp_path):
     assert [r for r in log2 if r["stage"] in ("dense", "lm")] == [r for r in log if r["stage"] in ("dense", "lm")]
     vlm.export_checkpoint(cfg, out, log=lambda *_: None)
     assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_spatial_questions_ground_each_object_on_its_own_head():
+    rng = np.random.default_rng(0)
+    for seed in range(40):
+        scene = S.make_scene(seed)
+        qa = S.ask(scene, "spatial", rng)
+        if qa is None:
+            continue
+        omap = scene.object_map(12)
+        w = qa[0].split()
+        a, b = (
+            next(i for i, o in enumerate(scene.objects) if o.name == n) for n in (" ".join(w[3:5]), " ".join(w[-3:-1]))
+        )
+        heads = vlm.target_columns(scene, qa[0], 12, 10, omap)
+        assert heads == [[10 + int(c) for c in np.flatnonzero(omap.ravel() == i + 1)] for i in (a, b)]
+        other = vlm.target_columns(scene, "what letter is written in the image ?", 12, 10, omap)
+        assert len(other) == 1
+        return
+    pytest.fail("no spatial question in 40 scenes")

@@ -3,6 +3,7 @@
 vtc eval --model tiny-qwen2-vl-shapes --bench shapes --methods all --budgets 16,32,64,128
 vtc train vlm llava --out assets/tiny-llava-shapes
 vtc train tokenizer flextok
+vtc train bridge flextok --out assets/tiny-flextok-llava-shapes
 vtc viz --image photo.png --method divprune --budget 64 --out kept.png
 vtc list [reducers|benchmarks|tokenizers|models]
 """
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vtc.train import vlm
 
     vlm.add_parser(train)
+    from vtc.train import bridge
+
+    bridge.add_parser(train)
     try:
         from vtc.train import tokenizer
     except ImportError:  # pragma: no cover - tokenizers not installed in this checkout

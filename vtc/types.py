@@ -38,6 +38,8 @@ class VisualTokens:
         views: `(rows, cols)` crop layout of a high-resolution input, thumbnail first.
         frames: number of video frames.
         valid: `[B, N]` bool, True for the tokens that exist in the model's sequence (None: all of them).
+        lengths: `[B]` int64, for an ordered 1-D token sequence from an adaptive tokenizer (KARL), how many leading
+            tokens each sample needs (None: not adaptive). Only order-aware methods (`prefix`) use it.
     """
 
     tokens: Tensor
@@ -48,6 +50,7 @@ class VisualTokens:
     views: tuple[int, int] | None = None
     frames: int | None = None
     valid: Tensor | None = None
+    lengths: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:

@@ -1,10 +1,12 @@
 """Variable-length 1-D image tokenizers (FlexTok, One-D-Piece, KARL) on a shared TiTok-style core.
 
 Importing this package registers every tokenizer; `vtc.create_tokenizer(name)` builds one and
-`vtc.list_tokenizers()` lists the names.
+`vtc.list_tokenizers()` lists the names. `tower.TokenizerTower` makes a trained tokenizer the vision tower of a
+stock LLaVA (the tokenizer → VLM bridge, trained by `vtc train bridge`).
 """
 
-from . import flextok, karl, one_d_piece  # noqa: F401  (registers the methods)
+# importing registers the methods, and the tokenizer tower with transformers' Auto classes
+from . import flextok, karl, one_d_piece, tower  # noqa: F401
 from .base import (
     TOKENIZERS,
     TokenizedImages,

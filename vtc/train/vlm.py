@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 100
-    attn_sup: float = 1.0  # weight of the grounding loss on head 0 of layers 1.. (0 disables it)
+    attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
 
 
 # ---------------------------------------------------------------------- model, tokenizer, processor
@@ -97,14 +97,19 @@ def build_tokenizer():
     return fast
 
 
-def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE):
-    """The tiny architecture of each family (random weights); `image_size` only matters for LLaVA's CLIP."""
-    check_family(family)
-    text = dict(
+def text_config_kwargs(vocab_size: int) -> dict[str, Any]:
+    """The tiny Llama / Qwen2 language model shared by every tiny VLM (4 layers, width 128)."""
+    return dict(
         vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=False,
     )  # fmt: skip
+
+
+def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE):
+    """The tiny architecture of each family (random weights); `image_size` only matters for LLaVA's CLIP."""
+    check_family(family)
+    text = text_config_kwargs(vocab_size)
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -357,14 +362,24 @@ def image_prefix(family: str, n_tokens: int) -> list[int]:
     )
 
 
-def lm_forward(model, family: str, ids: Tensor, mask: Tensor, feats: Tensor, grid: int, hidden_layer: int | None):
+def lm_forward(
+    model,
+    family: str,
+    ids: Tensor,
+    mask: Tensor,
+    feats: Tensor,
+    grid: int,
+    hidden_layer: int | None,
+    position_ids: Tensor | None = None,
+):
     """Logits of the language model fed `feats` [B, N, D] at the image placeholders (what the full forward does
-    with a frozen tower), and optionally the hidden state after layer `hidden_layer`."""
+    with a frozen tower), and optionally the hidden state after layer `hidden_layer`. `position_ids` (LLaVA only)
+    replace the default 0..L-1."""
     inner = model.model
     emb = inner.get_input_embeddings()(ids)  # [B, L, D]
     img = ids == model.config.image_token_id
     emb = emb.masked_scatter(img[..., None], feats.to(emb.dtype))
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if position_ids is None else {"position_ids": position_ids}
     if family == "qwen2_vl":
         b = ids.shape[0]
         thw = torch.tensor([[1, 2 * grid, 2 * grid]] * b)
@@ -411,27 +426,43 @@ class AttentionCapture:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = self._orig
 
 
-def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[int]]], head: int = 0) -> Tensor:
-    """Mean over supervised layers and turns of -log(attention mass that head `head` of the answer-predicting row
-    puts on the visual columns of the objects the question is about). Turns without targets are skipped."""
+def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[list[int]]]]) -> Tensor:
+    """Mean over supervised layers, turns and heads of -log(attention mass that head h of the answer-predicting row
+    puts on `targets[b][turn][h]`, the visual columns that head must look at). Empty column lists are skipped."""
     losses = []
     for q, k, scale in store.values():
         groups = q.shape[1] // k.shape[1]
         for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
-            for r, cols in zip(rs, ts, strict=True):
-                if not cols:
-                    continue
-                logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale  # [r+1] causal
-                logp = logits.log_softmax(-1)
-                losses.append(-torch.logsumexp(logp[cols], 0))
+            for r, per_head in zip(rs, ts, strict=True):
+                for head, cols in enumerate(per_head):
+                    if not cols:
+                        continue
+                    logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale  # [r+1] causal
+                    logp = logits.log_softmax(-1)
+                    losses.append(-torch.logsumexp(logp[cols], 0))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[int]:
-    """Sequence columns of the visual tokens covering the objects `question` refers to."""
+def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[list[int]]:
+    """Per supervised head, the sequence columns of the visual tokens it must attend to for `question`.
+
+    One head (0) looks at every object the question refers to, except for spatial questions: there head 0 looks at
+    the first object and head 1 at the reference object, so that each reads one position rather than a blend of
+    both (the union target left the relation at chance)."""
     ids = scene.referred(question)
-    cells = np.flatnonzero(np.isin(omap.ravel(), np.array(ids) + 1)) if ids else []
-    return [offset + int(c) for c in cells]
+    if question.startswith("where is") and len(ids) == 2:
+        w = question.split()
+        a = " ".join(w[3:5])
+        first = [i for i in ids if scene.objects[i].name == a]
+        groups = [first, [i for i in ids if i not in first]]
+    else:
+        groups = [ids]
+
+    def cols(group: list[int]) -> list[int]:
+        cells = np.flatnonzero(np.isin(omap.ravel(), np.array(group) + 1)) if group else []
+        return [offset + int(c) for c in cells]
+
+    return [cols(g) for g in groups]
 
 
 # ---------------------------------------------------------------------- the run

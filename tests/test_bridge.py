@@ -1,0 +1,182 @@
+"""The tokenizer → VLM bridge: the `prefix` reducer, a 1-D tokenizer as the vision tower of a stock LLaVA
+(save / load / generate / compress), KARL's per-image lengths, and `vtc train bridge` resuming bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from vtc.adapters import adapter_of
+from vtc.eval.benchmarks import shapes as S
+from vtc.eval.harness import build_inputs
+
+import vtc
+from vtc.train import bridge
+from vtc.types import VisualTokens
+
+TINY = dict(image_size=16, patch_size=4, width=32, enc_depth=1, dec_depth=1, num_heads=2, num_tokens=8)
+
+
+# ---------------------------------------------------------------------- the prefix reducer
+def _prefix_ref(n: int, k: int, valid: list[bool] | None, length: int | None) -> list[int]:
+    """The first min(k, length) valid positions, by a loop."""
+    cap = k if length is None else min(k, max(length, 1))
+    out = []
+    for j in range(n):
+        if (valid is None or valid[j]) and len(out) < cap:
+            out.append(j)
+    return out
+
+
+@pytest.mark.parametrize("with_valid", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_prefix_keeps_the_first_tokens(with_valid, with_lengths):
+    g = torch.Generator().manual_seed(0)
+    b, n = 5, 12
+    x = torch.randn(b, n, 3, generator=g)
+    valid = torch.rand(b, n, generator=g) > 0.3 if with_valid else None
+    if valid is not None:
+        valid[:, 0] = True
+    lengths = torch.tensor([1, 3, 7, 12, 0]) if with_lengths else None
+    r = vtc.create_reducer("prefix")
+    for k in (1, 4, 9):
+        sel = r(VisualTokens(x, valid=valid, lengths=lengths), budget=k)
+        for i in range(b):
+            want = _prefix_ref(
+                n, k, None if valid is None else valid[i].tolist(), None if lengths is None else int(lengths[i])
+            )
+            if valid is not None and k >= int(valid[i].sum()) and lengths is None:
+                want = [j for j in range(n) if valid[i, j]]
+            assert sel.indices[i][sel.mask[i]].tolist() == want
+            torch.testing.assert_close(sel.valid_tokens(i), x[i, want])
+    assert r(VisualTokens(x, lengths=lengths), budget=n).indices.tolist() == [list(range(n))] * b  # identity
+
+
+def test_prefix_lengths_off_and_bad_lengths():
+    x = torch.randn(2, 6, 3)
+    lengths = torch.tensor([2, 5])
+    sel = vtc.create_reducer("prefix", use_lengths=False)(VisualTokens(x, lengths=lengths), budget=4)
+    assert sel.num_kept.tolist() == [4, 4]
+    with pytest.raises(ValueError, match="one count per sample"):
+        vtc.create_reducer("prefix")(VisualTokens(x, lengths=torch.tensor([1, 2, 3])), budget=4)
+
+
+# ---------------------------------------------------------------------- the bridge model
+def _bridge(tmp_path, name: str, error: float = 0.0, **cfg):
+    tok = vtc.create_tokenizer(name, **TINY)
+    torch.manual_seed(1)
+    for p in tok.parameters():  # a random but non-degenerate tokenizer
+        p.data.normal_(0, 0.3)
+    tok.save_pretrained(tmp_path / f"tok_{name}")
+    c = bridge.BridgeConfig(tokenizer=name, tokenizer_path=str(tmp_path / f"tok_{name}"), error=error, **cfg)
+    return bridge.build_bridge(c), c
+
+
+def _batch(processor, n: int = 3):
+    bench = S.ShapesBenchmark(split="val", per_type=1)
+    samples = [bench[i] for i in range(n)]
+    return build_inputs(processor, samples, bench, "cpu")
+
+
+def _gen(model, inputs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+
+@pytest.mark.parametrize("name", ["flextok", "one_d_piece"])
+def test_bridge_saves_loads_and_generates(tmp_path, name):
+    (model, processor, _), _ = _bridge(tmp_path, name)
+    model.eval()
+    inputs = _batch(processor)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist() == [8, 8, 8]  # K placeholders
+    assert inputs["pixel_values"].shape[-2:] == (16, 16) and 0 <= inputs["pixel_values"].min()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "m").eval()
+    ref = dict(model.named_buffers())
+    for k, v in loaded.named_buffers():  # derived (non-persistent) buffers are rebuilt, not left empty
+        assert torch.equal(v, ref[k]), k
+    inputs2 = _batch(AutoProcessor.from_pretrained(tmp_path / "m"))
+    assert torch.equal(_gen(model, inputs), _gen(loaded, inputs2))
+    with vtc.compressed(loaded, "prefix", budget=8):  # full budget: the untouched model
+        assert torch.equal(_gen(loaded, inputs2), _gen(model, inputs))
+
+
+def test_prefix_on_the_bridge_is_the_language_model_on_the_first_tokens(tmp_path):
+    (model, processor, _), _ = _bridge(tmp_path, "flextok")
+    model.eval()
+    inputs = _batch(processor)
+    k = 3
+    with torch.no_grad():
+        with vtc.compressed(model, "prefix", budget=k):
+            logits = model(**inputs).logits
+        feats = torch.stack(list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+        img = model.config.image_token_id
+        for b in range(3):
+            ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+            cols = (ids == img).nonzero().squeeze(-1)
+            keep = torch.ones_like(ids, dtype=torch.bool)
+            keep[cols[k:]] = False
+            emb = model.get_input_embeddings()(ids).clone()
+            emb[cols] = feats[b]
+            pos = torch.arange(len(ids))[keep]  # kept tokens keep their positions (vtc.compress's default)
+            out = model.model.language_model(inputs_embeds=emb[keep][None], position_ids=pos[None])
+            ref = model.lm_head(out.last_hidden_state)[0]
+            torch.testing.assert_close(logits[b, -ref.shape[0] :], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_karl_tower_lengths_cap_the_prefix(tmp_path):
+    (model, processor, _), _ = _bridge(tmp_path, "karl", error=0.1)
+    model.eval()
+    inputs = _batch(processor, 4)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        lengths = tower(inputs["pixel_values"]).lengths
+        want = tower.tokenizer.predict_num_tokens(inputs["pixel_values"], 0.1)
+    assert torch.equal(lengths, want) and int(lengths.min()) >= 1
+    with vtc.compressed(model, "prefix", budget=6):
+        _gen(model, inputs)
+        assert adapter_of(model).last["kept"] == torch.clamp(lengths, max=6).tolist()
+    model.config.vision_config.error = None  # not adaptive: every image keeps the budget
+    with vtc.compressed(model, "prefix", budget=6):
+        _gen(model, inputs)
+        assert adapter_of(model).last["kept"] == [6] * 4
+
+
+def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
+    (model, _, tok), _ = _bridge(tmp_path, "flextok")
+    codes = torch.randn(2, 8, 4)
+    turns = [[("how many circles are there ?", "two")]] * 2
+    ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, codes, [3, 8], turns)
+    assert feats.shape[0] == 3 + 8
+    torch.testing.assert_close(feats[:3], model.model.multi_modal_projector(codes[0, :3]))
+    n0 = int(mask[0].sum())
+    text0 = pos[0, 4:n0].tolist()
+    assert pos[0, :4].tolist() == [0, 1, 2, 3] and text0 == list(range(9, 9 + len(text0)))
+    assert pos[1, : int(mask[1].sum())].tolist() == list(range(int(mask[1].sum())))
+
+
+def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
+    (_, _, _), _ = _bridge(tmp_path, "flextok")
+    kw = dict(pool=8, steps=4, batch=2, qa_per_image=2, val_every=4, val_per_type=1, checkpoint_every=2)
+    _, cfg = _bridge(tmp_path, "flextok", **kw)
+    straight = bridge.train_bridge(cfg, tmp_path / "a", log=lambda *_: None)
+    real_save = bridge.vlm.save_state
+
+    def save_then_die(path, modules, opt, meta):
+        real_save(path, modules, opt, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bridge.vlm, "save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        bridge.train_bridge(cfg, tmp_path / "b", log=lambda *_: None)
+    monkeypatch.setattr(bridge.vlm, "save_state", real_save)
+    resumed = bridge.train_bridge(cfg, tmp_path / "b", log=lambda *_: None)
+    a = AutoModelForImageTextToText.from_pretrained(straight).state_dict()
+    b = AutoModelForImageTextToText.from_pretrained(resumed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "b" / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "lm"] == [0]  # step 0 logged once, not again on resume
+    assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)

@@ -1,0 +1,232 @@
+"""Train a tiny VLM whose visual input is a 1-D tokenizer's tokens (the tokenizer → VLM bridge of issue 5).
+
+    vtc train bridge flextok     --out assets/tiny-flextok-llava-shapes
+    vtc train bridge one_d_piece --out assets/tiny-one-d-piece-llava-shapes
+    vtc train bridge karl        --out assets/tiny-karl-llava-shapes --error 0.06
+
+The model is a stock `LlavaForConditionalGeneration`: the frozen, trained tokenizer (`assets/tokenizers/NAME`) is
+its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K token codes of a 32-px view of the image),
+then the LLaVA MLP projector and the same Llama LM as `vtc train vlm llava`. The projector and LM learn from
+multi-turn vtc-shapes QA on **random prefix lengths** (as TokenFLEX, arXiv 2504.03154, and MQT-LLaVA, arXiv
+2405.19315, train for a variable number of visual tokens): each training image keeps its first k tokens, k uniform in
+1..K, or all K with probability `full_prob`. The `prefix` reducer then truncates the sequence at evaluation, and
+KARL's tower reports the length it picks per image for `--error`.
+
+Pinned choices: the LM sees the tokens' code vectors (what the tokenizer transmits), not the encoder's continuous
+features; the tokenizer codes of the training pool are computed once (the tower is frozen); for KARL they are
+computed with the error condition used at evaluation, so training and evaluation see the same codes.
+Checkpoints are safetensors and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vtc.eval.benchmarks import shapes as S
+from vtc.tokenizers.base import ASSETS_DIR
+from vtc.train import vlm
+
+
+@dataclass
+class BridgeConfig:
+    tokenizer: str = "flextok"
+    tokenizer_path: str = ""  # a saved tokenizer folder; "" = assets/tokenizers/<tokenizer>
+    error: float = 0.0  # adaptive tokenizers (KARL): requested mean L1 error per pixel; 0 = keep all K
+    pool: int = 8000  # training scenes (rendered once, cached)
+    steps: int = 3000
+    batch: int = 16
+    qa_per_image: int = 20
+    lr: float = 2e-3
+    full_prob: float = 0.25  # share of training images that keep all K tokens
+    seed: int = 0
+    threads: int = 1
+    checkpoint_every: int = 100
+    val_every: int = 500
+    val_per_type: int = 40
+
+
+def build_bridge(cfg: BridgeConfig):
+    """(model, processor, word tokenizer): the trained tokenizer as tower, random projector and LM."""
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from vtc.tokenizers import create_tokenizer
+    from vtc.tokenizers.tower import TokenizerTowerConfig, bridge_processor_kwargs, load_tokenizer_into
+
+    path = cfg.tokenizer_path or str(ASSETS_DIR / cfg.tokenizer)
+    trained = create_tokenizer(cfg.tokenizer, pretrained=path)
+    tower_cfg = TokenizerTowerConfig(cfg.tokenizer, trained.config.to_dict(), error=cfg.error or None)
+    tok = vlm.build_tokenizer()
+    mcfg = LlavaConfig(
+        vision_config=tower_cfg, text_config=LlamaConfig(**vlm.text_config_kwargs(len(tok))),
+        image_token_id=vlm.SPECIAL.index("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", projector_hidden_act="gelu",
+    )  # fmt: skip
+    model = LlavaForConditionalGeneration(mcfg)
+    load_tokenizer_into(model.model.vision_tower, trained)
+    side = tower_cfg.image_size
+    ip = CLIPImageProcessor(size={"height": side, "width": side}, do_center_crop=False, do_normalize=False)
+    kw = bridge_processor_kwargs(tower_cfg)
+    processor = LlavaProcessor(image_processor=ip, tokenizer=tok, chat_template=vlm.CHAT_TEMPLATE["llava"], **kw)
+    return model, processor, tok
+
+
+@torch.no_grad()
+def tower_codes(model, processor, images: np.ndarray, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Token codes `[n, K, d]` and lengths `[n]` (K when not adaptive) of uint8 images `[n, H, W, 3]`."""
+    tower = model.model.vision_tower.eval()
+    codes, lengths = [], []
+    for i in range(0, len(images), chunk):
+        pix = processor.image_processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
+        out = tower(pix)
+        codes.append(out.last_hidden_state.float())
+        k = out.last_hidden_state.shape[1]
+        lengths.append(out.lengths if out.lengths is not None else torch.full((len(pix),), k))
+    return torch.cat(codes), torch.cat(lengths).long()
+
+
+def prefix_batch(model, tok, codes: Tensor, ks: list[int], turns: list[list[tuple[str, str]]]):
+    """ids, labels, mask, position ids `[B, L]` and the projected visual tokens `[sum(ks), D]` (placeholder order).
+
+    Positions are those `vtc.compress` gives a truncated sequence by default (`positions="original"`): the text
+    after a k-token prefix sits where it would after all K tokens, so training and evaluation agree."""
+    n_tok = codes.shape[1]
+    seqs = [vlm.build_sequence(vlm.image_prefix("llava", k), t, tok) for k, t in zip(ks, turns, strict=True)]
+    width = max(len(a) for a, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    pos = torch.arange(width).repeat(len(seqs), 1)
+    for j, ((a, b), k) in enumerate(zip(seqs, ks, strict=True)):
+        ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+        pos[j, 1 + k :] += n_tok - k  # bos, k image tokens, then the text at its full-length position
+    proj = model.model.multi_modal_projector(codes)  # [B, K, D]
+    feats = torch.cat([proj[j, :k] for j, k in enumerate(ks)])  # [sum ks, D]
+    return ids, lab, mask, pos, feats
+
+
+@torch.no_grad()
+def bridge_val(model, processor, tok, cfg: BridgeConfig, ks: tuple[int, ...]) -> dict[str, float]:
+    """Teacher-forced exact-match accuracy on the vtc-shapes val split at each prefix length in `ks`."""
+    model.eval()
+    bench = S.ShapesBenchmark(split="val", per_type=cfg.val_per_type)
+    samples = [bench[i] for i in range(len(bench))]
+    codes, _ = tower_codes(model, processor, np.stack([np.asarray(s.images[0]) for s in samples]))
+    res = {}
+    for k in ks:
+        hits = []
+        for i in range(0, len(samples), 32):
+            part = samples[i : i + 32]
+            ids, lab, mask, pos, feats = prefix_batch(
+                model, tok, codes[i : i + 32], [k] * len(part), [[(s.question, s.answer)] for s in part]
+            )
+            logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
+            ok = ((logits[:, :-1].argmax(-1) == lab[:, 1:]) | (lab[:, 1:] == -100)).all(1)
+            hits += ok.tolist()
+        res[f"k{k}"] = round(sum(hits) / len(hits), 3)
+    model.train()
+    return res
+
+
+def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model, processor, tok = build_bridge(cfg)
+    logf = open(work / "log.jsonl", "a")
+
+    def record(**kw):
+        logf.write(json.dumps({**kw, "time": time.time()}) + "\n")
+        logf.flush()
+
+    seed0 = cfg.seed * 10**7 + 3 * 10**6  # disjoint from every benchmark split and from the other trainers' pools
+    seeds = np.arange(cfg.pool) + seed0
+    cache = work / "codes.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if cache.exists():
+        z = load_file(str(cache))
+        codes, lengths = z["codes"], z["lengths"]
+    else:
+        t0 = time.time()
+        images, _ = vlm.render_pool(cfg.pool, 4, seed0=seed0, workers=cfg.threads)
+        codes, lengths = tower_codes(model, processor, images)
+        save_file({"codes": codes, "lengths": lengths}, str(cache))
+        log(f"token codes of {cfg.pool} scenes {tuple(codes.shape)} in {time.time() - t0:.0f}s")
+    n_tok = codes.shape[1]
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    ckpt = work / "state.safetensors"
+    start = vlm.load_state(ckpt, {"model": model}, opt)["step"] if ckpt.exists() else 0
+    if start:
+        log(f"resuming at step {start}")
+    model.train()
+    t0 = time.time()
+    for step in range(start, cfg.steps):
+        r = np.random.default_rng(cfg.seed * 15485863 + step)
+        idx = r.integers(0, cfg.pool, cfg.batch)
+        ks = [n_tok if r.random() < cfg.full_prob else int(r.integers(1, n_tok + 1)) for _ in idx]
+        turns = [vlm.make_turns(int(seeds[i]), cfg.qa_per_image, r)[1] for i in idx]
+        for g in opt.param_groups:
+            g["lr"] = vlm.lr_at(step, cfg.steps, cfg.lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids, lab, mask, pos, feats = prefix_batch(model, tok, codes[idx], ks, turns)
+            logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            log(f"bridge {step}/{cfg.steps} loss {float(loss.detach()):.3f} {time.time() - t0:.0f}s")
+            record(stage="lm", step=step, loss=float(loss.detach()))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1})
+        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+            acc = bridge_val(model, processor, tok, cfg, (n_tok, max(1, n_tok // 4)))
+            log(f"val {step + 1}: {acc}")
+            record(stage="val", step=step + 1, **acc)
+    return save_bridge(model, processor, cfg, out, log)
+
+
+def save_bridge(model, processor, cfg: BridgeConfig, out: Path, log=print) -> Path:
+    model.eval()
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = 0, 2, 1
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log(f"saved {out}")
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bridge", help="train a tiny LLaVA on a 1-D tokenizer's tokens (random prefix lengths)")
+    p.add_argument("tokenizer", help="a registered tokenizer with a trained checkpoint (see vtc.list_tokenizers())")
+    p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable); resumes if present")
+    for f, v in asdict(BridgeConfig()).items():
+        if f != "tokenizer":
+            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> None:
+    fields = {k: getattr(args, k) for k in asdict(BridgeConfig()) if hasattr(args, k)}
+    train_bridge(BridgeConfig(**fields), args.out)
