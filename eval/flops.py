@@ -17,7 +17,9 @@ Conventions (pinned):
 * Vision tower: every view / image / video frame is encoded in full, whatever the reduction (the pre-LLM reducers of
   `vtc.adapters` act after the projector). LLaVA(-NeXT): CLIP ViT, all `num_hidden_layers` layers (transformers runs
   them all even when `vision_feature_layer` = -2), `(image_size/patch)² + 1` tokens per view with the CLS token, full
-  attention per view, then the two-layer MLP projector on the selected features (`default`: CLS dropped). Qwen2-VL /
+  attention per view, then the two-layer MLP projector on the selected features (`default`: CLS dropped); a 1-D
+  tokenizer as LLaVA's tower (`vtc.tokenizers.tower`): its encoder ViT over patches + K latents, then the projector
+  on the K token codes. Qwen2-VL /
   Qwen2.5-VL: the Conv3d patch embedding over `t·h·w` patches, attention within each temporal frame (Qwen2-VL: every
   block; Qwen2.5-VL: blocks in `fullatt_block_indexes`) or within each window of `window_size` pixels (the other
   Qwen2.5-VL blocks; edge windows are smaller, as in transformers), then the 2×2 patch merger MLP.
@@ -157,8 +159,34 @@ def _clip_views(cfg: Any, images: Any) -> int:
     return sum(image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, vc.image_size) for s in images)
 
 
+def _tokenizer_tower_flops(cfg: Any, images: Any) -> dict[str, int]:
+    """A 1-D tokenizer's encoder as LLaVA's tower (`vtc.tokenizers.tower`): the ViT over patches + K latents
+    (+ KARL's error-condition token), full attention square, the code projection (+ VQ's code distances, + KARL's
+    halting head), then the LLaVA projector on the K codes. The tokenizer's decoder never runs in a VLM."""
+    vc = cfg.vision_config
+    t = vc.tokenizer_config
+    views = _clip_views(cfg, images)
+    w, p, k = t["width"], t["patch_size"], t["num_tokens"]
+    patches = (t["image_size"] // p) ** 2
+    n = patches + k + (1 if vc.tokenizer == "karl" else 0)
+    hidden = int(w * t.get("mlp_ratio", 4.0))
+    embed = 2 * views * patches * 3 * p * p * w
+    per_token = w * vc.hidden_size  # the code projection
+    if t.get("quantizer") == "vq":  # distances of every latent to every code
+        per_token += t["vq_dim"] * t["vq_codebook_size"]
+    if "halt_hidden" in t:  # KARL's halting head
+        per_token += w * t["halt_hidden"] + t["halt_hidden"]
+    linear = 2 * views * (n * (4 * w * w + 2 * w * hidden) * t["enc_depth"] + k * per_token)
+    attn = 4 * w * n * n * views * t["enc_depth"]
+    d = _text_config(cfg).hidden_size
+    projector = 2 * views * k * (vc.hidden_size * d + d * d)
+    return {"vision_embed": embed, "vision_linear": linear, "vision_attention": attn, "projector": projector}
+
+
 def _clip_flops(cfg: Any, images: Any) -> dict[str, int]:
     vc = cfg.vision_config
+    if vc.model_type == "vtc_tokenizer_tower":
+        return _tokenizer_tower_flops(cfg, images)
     if vc.model_type != "clip_vision_model":
         raise ValueError(f"prefill_flops: vision tower {vc.model_type!r} is not supported (CLIP only)")
     views = _clip_views(cfg, images)
@@ -255,6 +283,8 @@ def stock_visual_tokens(model_or_config: Any, images: Any) -> int:
     cfg = _config(model_or_config)
     if images is None:
         return 0
+    if cfg.model_type == "llava" and cfg.vision_config.model_type == "vtc_tokenizer_tower":
+        return cfg.vision_config.num_tokens * _clip_views(cfg, images)
     if cfg.model_type == "llava":
         vc = cfg.vision_config
         side = vc.image_size // vc.patch_size

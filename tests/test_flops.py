@@ -178,3 +178,20 @@ def test_schedule_batch_and_bad_input():
         prefill_flops(nxt, 10, 64, images=2)
     with pytest.raises(TypeError, match="transformers model or config"):
         prefill_flops(object(), 10, 64)
+
+
+@pytest.mark.parametrize("name", ["flextok", "one_d_piece", "karl"])
+def test_tokenizer_tower_prefill_matches_flop_counter(name, tmp_path):
+    from vtc.train import bridge
+
+    tiny = dict(image_size=16, patch_size=4, width=32, enc_depth=2, dec_depth=1, num_heads=2, num_tokens=8)
+    vtc.create_tokenizer(name, **tiny).save_pretrained(tmp_path / name)
+    cfg = bridge.BridgeConfig(tokenizer=name, tokenizer_path=str(tmp_path / name), error=0.1 if name == "karl" else 0)
+    model, processor, tok = bridge.build_bridge(cfg)
+    model.eval()
+    image = torch.zeros(16, 16, 3, dtype=torch.uint8).numpy()
+    inputs = processor(images=[image], text=["<image> is there a red circle ?"], return_tensors="pt")
+    vis = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert stock_visual_tokens(model, 1) == vis == 8
+    f = prefill_flops(model, inputs["input_ids"].shape[1] - vis, None, images=1, causal=False)
+    assert f["total"] == _measure(model, inputs, logits_to_keep=1)
