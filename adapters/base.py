@@ -101,6 +101,8 @@ class VLMAdapter:
         self.reducer = reducer
         self.budget = budget
         self.config = config
+        # side information worth computing for this reducer (`Reducer.requires` + `Reducer.uses`)
+        self.wants = set(reducer.requires) | set(reducer.uses)
         self.last: dict[str, Any] = {}  # what the last prefill did: selections, kept counts, column map, layouts
         self._decode: _DecodeState | None = None
         self._had_instance_forward = "forward" in model.__dict__

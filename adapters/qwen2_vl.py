@@ -22,6 +22,7 @@ What reducers receive, one `VisualTokens` group per image (images differ in size
   in chunks, so memory stays bounded for large images.
 * `keys` `[1, N_i, C]`: that block's keys before RoPE (heads concatenated), averaged over the 2×2 group.
 
+Both are computed only for reducers that name them in `requires` or `uses` (the others skip the P x P pass).
 The block defaults to the last vision block for Qwen2-VL and to the last full-attention block for Qwen2.5-VL;
 `vision_layer=j` picks the block producing vision hidden state j (0 = patch embeddings, negative from the end).
 
@@ -163,10 +164,12 @@ class Qwen2VLAdapter(VLMAdapter):
         inner = self.model.model
         visual = inner.visual
         attn = visual.blocks[self.vision_block()].attn
+        attention = bool(self.wants & {"cls_attn", "keys"})  # the substitute costs a P x P pass: only if used
         with _Hooks() as cap:
             cap.input(visual.merger, "features")
-            cap.output(attn.qkv, "qkv")
-            cap.kwargs(attn, "attn_kwargs")
+            if attention:
+                cap.output(attn.qkv, "qkv")
+                cap.kwargs(attn, "attn_kwargs")
             if video:
                 out = inner.get_video_features(pixel_values_videos=pixels, video_grid_thw=grid_thw)
             else:
@@ -175,21 +178,25 @@ class Qwen2VLAdapter(VLMAdapter):
         unit = side * side
         feats = cap.values["features"]  # [P, C] in the tower's order
         p, c = feats.shape
-        heads = attn.num_heads
-        q, k, _ = cap.values["qkv"].reshape(p, 3, heads, -1).unbind(1)  # [P, H, d] each, before RoPE
-        akw = cap.values["attn_kwargs"]
-        cos, sin = akw["position_embeddings"]
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-        q_rot, k_rot = rope(q, k, cos, sin)
-        probs = mean_query_attention(q_rot, k_rot, akw["cu_seqlens"], attn.scaling)  # [H, P]
-        probs = probs.view(heads, p // unit, unit).sum(-1)  # [H, G] attention of each merge group
-        keys = k.reshape(p // unit, unit, heads * k.shape[-1]).mean(1)  # [G, C]
         feats = feats.reshape(p // unit, unit * c)  # [G, 4C], the merger's concatenation
+        logits = keys = None
+        if attention:
+            heads = attn.num_heads
+            q, k, _ = cap.values["qkv"].reshape(p, 3, heads, -1).unbind(1)  # [P, H, d] each, before RoPE
+            akw = cap.values["attn_kwargs"]
+            cos, sin = akw["position_embeddings"]
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+            q_rot, k_rot = rope(q, k, cos, sin)
+            probs = mean_query_attention(q_rot, k_rot, akw["cu_seqlens"], attn.scaling)  # [H, P]
+            probs = probs.view(heads, p // unit, unit).sum(-1)  # [H, G] attention of each merge group
+            keys = k.reshape(p // unit, unit, heads * k.shape[-1]).mean(1)  # [G, C]
+            logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log()
         order = self._window_order(grid_thw)
         if order is not None:  # back from window order to the sequence order of the merger outputs
             back = order.argsort()
-            probs, keys, feats = probs[:, back], keys[back], feats[back]
-        logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+            feats = feats[back]
+            if attention:
+                logits, keys = logits[:, back], keys[back]
         groups, start = [], 0
         for i, (t, h, w) in enumerate(grid_thw.tolist()):
             tokens = out.pooler_output[i]  # [N_i, D], frame-major for a video
@@ -198,8 +205,8 @@ class Qwen2VLAdapter(VLMAdapter):
                 VisualTokens(
                     tokens=tokens[None],
                     features=feats[sl][None],
-                    cls_attn=logits[:, sl][None],
-                    keys=keys[sl][None],
+                    cls_attn=None if logits is None else logits[:, sl][None],
+                    keys=None if keys is None else keys[sl][None],
                     grid=(h // side, w // side),
                     frames=t if video else None,
                 )

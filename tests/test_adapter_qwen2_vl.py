@@ -458,3 +458,19 @@ def test_video_cache_decoding_equals_no_cache(model, positions):
     batch = _video_batch(model)
     with vtc.compressed(model, "fastervlm", budget=5, positions=positions):
         assert torch.equal(_gen(model, batch, use_cache=True), _gen(model, batch, use_cache=False))
+
+
+def test_attention_substitute_only_for_reducers_that_use_it(model, monkeypatch):
+    """The P x P mean-query pass runs for methods that name cls_attn or keys (required or used), and no other."""
+    import vtc.adapters.qwen2_vl as qa
+
+    calls = []
+    real = qa.mean_query_attention
+    monkeypatch.setattr(qa, "mean_query_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = qwen_batch(model, GRIDS, PROMPTS)
+    for name in PRE_LLM:
+        cls = get_reducer_class(name)
+        calls.clear()
+        with vtc.compressed(model, name, budget=6):
+            _gen(model, batch)
+        assert bool(calls) == bool({"cls_attn", "keys"} & set(cls.requires + cls.uses)), name

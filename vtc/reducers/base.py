@@ -48,6 +48,8 @@ class Reducer(nn.Module):
         config_cls: the config dataclass.
         needs_query: the method scores tokens against the question and raises without one.
         requires: `VisualTokens` fields the method cannot run without (e.g. `("cls_attn",)`).
+        uses: optional `VisualTokens` fields the method uses when present (e.g. ToMe's `("keys",)`). Adapters skip
+            computing side information that neither `requires` nor `uses` names (Qwen2-VL's attention substitute).
         merges: outputs are merged tokens (`indices` is None, `weights`/`assignment` are set).
         adaptive: the method decides per sample how many tokens to keep, at most the budget.
         conserves_mass: (mergers) every output is the weight-averaged mean of its sources, so
@@ -62,6 +64,7 @@ class Reducer(nn.Module):
     config_cls: ClassVar[type[ReducerConfig]] = ReducerConfig
     needs_query: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
+    uses: ClassVar[tuple[str, ...]] = ()
     merges: ClassVar[bool] = False
     adaptive: ClassVar[bool] = False
     conserves_mass: ClassVar[bool] = True

@@ -58,6 +58,7 @@ class MMTok(Reducer):
     """Keep the k tokens that greedily maximise the coverage of the question's tokens and of all vision tokens."""
 
     needs_query = True
+    uses = ("features",)
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
         cfg = self.config

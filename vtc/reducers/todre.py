@@ -56,6 +56,8 @@ class ToDREConfig(ReducerConfig):
 class ToDRE(Reducer):
     """Stage 1 of ToDRE: keep k tokens chosen by greedy k-center on cosine distance of the encoder features."""
 
+    uses = ("features",)
+
     in_llm_stage = "todre_llm"
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:

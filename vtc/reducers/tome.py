@@ -47,6 +47,7 @@ class ToMe(Reducer):
     """Bipartite soft matching rounds until k size-weighted merged tokens remain."""
 
     merges = True
+    uses = ("keys",)
 
     def _reduce(self, vt: VisualTokens, k: int, query: Query | None) -> Selection:
         x = vt.tokens  # [B, N, D]
