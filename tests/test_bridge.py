@@ -180,3 +180,25 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
     log = [json.loads(x) for x in (tmp_path / "b" / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "lm"] == [0]  # step 0 logged once, not again on resume
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
+
+
+def test_vtc_eval_runs_the_karl_bridge_with_its_own_lengths(tmp_path):
+    from vtc.eval import harness
+
+    (model, processor, _), _ = _bridge(tmp_path, "karl", error=0.1)
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    cfg = harness.EvalConfig(
+        model=str(tmp_path / "m"), methods=["prefix", "random"], budgets=[2, 6], limit=6, batch_size=3,
+        out=tmp_path / "run", progress=False, threads=1,
+    )  # fmt: skip
+    rows = {(r["method"], str(r["budget"])): r for r in harness.run_eval(cfg)}
+    tower = AutoModelForImageTextToText.from_pretrained(tmp_path / "m").model.vision_tower
+    bench = S.ShapesBenchmark()
+    with torch.no_grad():
+        pix = processor.image_processor(images=[bench[i].images[0] for i in range(6)], return_tensors="pt")
+        lengths = tower(pix["pixel_values"]).lengths
+    assert rows[("full", "all")]["visual_tokens"] == 8
+    assert rows[("random", "6")]["visual_tokens"] == 6
+    assert rows[("prefix", "6")]["visual_tokens"] == pytest.approx(lengths.clamp(max=6).float().mean().item())
+    assert rows[("prefix", "2")]["tflops"] < rows[("prefix", "6")]["tflops"] <= rows[("full", "all")]["tflops"]
