@@ -152,3 +152,19 @@ def test_spatial_questions_ground_each_object_on_its_own_head():
         assert len(other) == 1
         return
     pytest.fail("no spatial question in 40 scenes")
+
+
+def test_relation_target_agrees_with_the_spatial_answer():
+    rng = np.random.default_rng(1)
+    seen = 0
+    for seed in range(200):
+        scene = S.make_scene(seed)
+        qa = S.ask(scene, "spatial", rng)
+        if qa is None:
+            continue
+        dy, dx = vlm.relation_target(scene, qa[0])
+        dominant = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+        assert dominant == qa[1] and max(abs(dx), abs(dy)) <= 2
+        seen += 1
+    assert seen > 50
+    assert vlm.relation_target(S.make_scene(0), "what letter is written in the image ?") is None

@@ -16,7 +16,11 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
 3. `lm`: the language model learns from sequences of one image followed by many question-answer turns (each image's
    576 tokens are paid for once per ~20 supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
    position (2-D RoPE only), an auxiliary head reads each visual token's row and column from the LM's first layer,
-   so the LM learns where its tokens are; the head is discarded.
+   so the LM learns where its tokens are; the head is discarded. Two kinds of supervision route that information:
+   a grounding loss makes head 0 of every layer >= 1 attend, from the row that predicts an answer, to the objects the
+   question is about (spatial questions: head 0 on object A, head 1 on object B), and a linear read-out must recover
+   A's offset from B, (dy, dx), from that row after layer 2 (without it the relation stayed at chance: the heads
+   found the objects but the answer row held no usable position; a linear probe of it scored 0.30 for 4 classes).
 
 Every stage checkpoints (safetensors: model, optimiser moments, RNG-free step counter) and a killed run resumes
 where it stopped. The final model and its processor (word-level tokenizer, image processor, chat template) are
@@ -76,6 +80,7 @@ class TrainConfig:
     threads: int = 2
     checkpoint_every: int = 100
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
+    rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
 
 
 # ---------------------------------------------------------------------- model, tokenizer, processor
@@ -233,7 +238,9 @@ def load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optim
         meta = json.loads(f.metadata()["meta"])
     for name, mod in modules.items():
         pre = f"{name}."
-        mod.load_state_dict({k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)})
+        state = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
+        if state or not list(mod.state_dict()):  # a module added after the checkpoint was written keeps its init
+            mod.load_state_dict(state)
     if opt is not None:
         for gi, group in enumerate(opt.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -369,12 +376,12 @@ def lm_forward(
     mask: Tensor,
     feats: Tensor,
     grid: int,
-    hidden_layer: int | None,
+    hidden_layer: int | tuple[int, ...] | None,
     position_ids: Tensor | None = None,
 ):
     """Logits of the language model fed `feats` [B, N, D] at the image placeholders (what the full forward does
-    with a frozen tower), and optionally the hidden state after layer `hidden_layer`. `position_ids` (LLaVA only)
-    replace the default 0..L-1."""
+    with a frozen tower), and optionally the hidden state after layer `hidden_layer` (a tuple: one per index).
+    `position_ids` (LLaVA only) replace the default 0..L-1."""
     inner = model.model
     emb = inner.get_input_embeddings()(ids)  # [B, L, D]
     img = ids == model.config.image_token_id
@@ -389,8 +396,11 @@ def lm_forward(
         inputs_embeds=emb, attention_mask=mask, output_hidden_states=hidden_layer is not None, **kwargs
     )
     logits = model.lm_head(out.last_hidden_state)
-    hid = out.hidden_states[hidden_layer] if hidden_layer is not None else None
-    return logits, hid
+    if hidden_layer is None:
+        return logits, None
+    if isinstance(hidden_layer, tuple):
+        return logits, tuple(out.hidden_states[i] for i in hidden_layer)
+    return logits, out.hidden_states[hidden_layer]
 
 
 # ---------------------------------------------------------------------- grounding supervision
@@ -465,6 +475,19 @@ def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: 
     return [cols(g) for g in groups]
 
 
+def relation_target(scene: S.Scene, question: str) -> tuple[float, float] | None:
+    """(dy, dx) of object A minus object B in half-image units for "where is A relative to B ?", else None."""
+    if not question.startswith("where is"):
+        return None
+    w = question.split()
+    by_name = {o.name: o for o in scene.objects}
+    a, b = by_name.get(" ".join(w[3:5])), by_name.get(" ".join(w[-3:-1]))
+    if a is None or b is None:
+        return None
+    half = scene.size / 2
+    return (a.cy - b.cy) / half, (a.cx - b.cx) / half
+
+
 # ---------------------------------------------------------------------- the run
 def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     check_family(cfg.family)
@@ -480,6 +503,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     dim = model.config.text_config.hidden_size
     heads = DenseHeads(dim)
     aux = nn.Linear(dim, 2)
+    rel = nn.Linear(dim, 2)  # spatial read-out (training only)
     logf = open(work / "log.jsonl", "a")
 
     def record(**kw):
@@ -509,7 +533,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         visual.append(model.model.multi_modal_projector)
     vis_params = [p for m in visual for p in m.parameters()]
     ckpt = work / "state.safetensors"
-    modules = {"model": model, "heads": heads, "aux": aux}
+    modules = {"model": model, "heads": heads, "aux": aux, "rel": rel}
 
     # ---- stage 1: dense
     opt1 = torch.optim.AdamW(vis_params + list(heads.parameters()), lr=cfg.dense_lr, weight_decay=0.01)
@@ -590,7 +614,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
 
     # ---- stage 3: language model on multi-turn QA
     lm_params = [p for n, p in model.named_parameters() if p.requires_grad]
-    opt3 = torch.optim.AdamW(lm_params + list(aux.parameters()), lr=cfg.lm_lr, weight_decay=0.01)
+    extra = list(aux.parameters()) + list(rel.parameters())  # appended last: older checkpoints keep their indices
+    opt3 = torch.optim.AdamW(lm_params + extra, lr=cfg.lm_lr, weight_decay=0.01)
     if meta["stage"] == "lm" and meta["step"] > 0:
         meta = load_state(ckpt, modules, opt3)
     n_tok = feats_all.shape[1]
@@ -606,12 +631,17 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     for step in range(meta["step"] if meta["stage"] == "lm" else cfg.lm_steps, cfg.lm_steps):
         r = np.random.default_rng(cfg.seed * 104729 + step)
         idx = r.integers(0, cfg.pool, cfg.lm_batch)
-        batch, rows, targets = [], [], []
-        for i in idx:
+        batch, rows, targets, rel_at, rel_y = [], [], [], [], []
+        for j, i in enumerate(idx):
             scene, turns = make_turns(int(seeds[i]), cfg.qa_per_image, r)
             rws: list[int] = []
             batch.append(build_sequence(prefix, turns, tok, rws))
             rows.append(rws)
+            for (q, _), row in zip(turns, rws, strict=True):
+                t = relation_target(scene, q)
+                if t is not None:
+                    rel_at.append((j, row))
+                    rel_y.append(t)
             if cfg.attn_sup > 0:
                 omap = scene.object_map(grid)
                 targets.append([target_columns(scene, q, grid, offset, omap) for q, _ in turns])
@@ -625,7 +655,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         capture.store.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16), capture if cfg.attn_sup > 0 else contextlib.nullcontext():
-            logits, hid = lm_forward(model, cfg.family, ids, mask, feats_all[idx], grid, 1 if use_aux else None)
+            logits, (hid, hid_rel) = lm_forward(model, cfg.family, ids, mask, feats_all[idx], grid, (1, 3))
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
             ground = grounding_loss(capture.store, rows, targets) if cfg.attn_sup > 0 else torch.zeros(())
             aux_loss = torch.zeros(())
@@ -633,16 +663,23 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
                 target = grid_positions(grid).expand(len(batch), -1, -1)
                 aux_loss = 20 * nn.functional.mse_loss(aux(vis).float(), target)
+            rel_loss = torch.zeros(())
+            if cfg.rel_sup > 0 and rel_at:  # the answer row must hold where A is relative to B
+                at = torch.tensor(rel_at)
+                pred = rel(hid_rel[at[:, 0], at[:, 1]]).float()
+                rel_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(rel_y, dtype=torch.float32))
         opt3.zero_grad(set_to_none=True)
-        (loss + aux_loss + cfg.attn_sup * ground).backward()
+        (loss + aux_loss + cfg.attn_sup * ground + cfg.rel_sup * rel_loss).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
             log(
                 f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} "
-                f"ground {float(ground):.3f} {time.time() - t0:.0f}s"
+                f"ground {float(ground):.3f} rel {float(rel_loss):.3f} {time.time() - t0:.0f}s"
             )
-            record(stage="lm", step=step, loss=float(loss), aux=float(aux_loss), ground=float(ground))
+            record(
+                stage="lm", step=step, loss=float(loss), aux=float(aux_loss), ground=float(ground), rel=float(rel_loss)
+            )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
             save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
