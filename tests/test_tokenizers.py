@@ -472,6 +472,25 @@ def test_training_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="tail_dropout"):
         train_mod.train_tokenizer("flextok", tmp_path / "a", steps=7, tail_dropout=False, log=None)
+    with pytest.raises(ValueError, match="data='synthetic', not 'shapes'"):
+        train_mod.train_tokenizer("flextok", tmp_path / "a", steps=7, data="shapes", log=None)
+
+
+def test_shapes_data_is_the_benchmark_scene_at_tokenizer_size(tmp_path):
+    import cv2
+    from vtc.eval.benchmarks import shapes as S
+
+    x = train_mod.shapes_batch(2, 3, size=16, seed=1)
+    assert x.shape == (3, 3, 16, 16) and float(x.min()) >= 0 and float(x.max()) <= 1
+    scene = S.make_scene(10**7 + 4 * 10**6 + 2 * 3 + 1)  # the second image of batch 2, seed 1
+    want = cv2.resize(scene.render(), (16, 16), interpolation=cv2.INTER_AREA)
+    assert torch.equal(x[1], torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+    out = train_mod.train_tokenizer(
+        "flextok", tmp_path, steps=2, batch_size=2, data="shapes", eval_images=0, config=dict(TINY), log=None
+    )
+    assert out["steps"] == 2
+    with pytest.raises(ValueError, match="data='mnist' is not one of"):
+        train_mod.train_tokenizer("flextok", tmp_path / "x", steps=1, data="mnist", log=None)
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -102,6 +103,22 @@ def prefix_psnr(model: Tokenizer1D, images: torch.Tensor, batch: int = 64) -> di
     return out
 
 
+DATA = ("synthetic", "shapes")
+
+
+def shapes_batch(step: int, batch_size: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Training batch `step` of vtc-shapes scenes (benchmark distribution, training seeds: seed·10⁷ + 4·10⁶ + i,
+    disjoint from every benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`."""
+    import cv2
+
+    from vtc.eval.benchmarks import shapes as S
+
+    start = seed * 10**7 + 4 * 10**6 + step * batch_size
+    imgs = [cv2.resize(S.make_scene(start + i).render(), (size, size), interpolation=cv2.INTER_AREA)
+            for i in range(batch_size)]  # fmt: skip
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+
+
 def train_tokenizer(
     name: str,
     out_dir: str | os.PathLike | None = None,
@@ -119,12 +136,15 @@ def train_tokenizer(
     log_every: int = 50,
     tail_dropout: bool = True,
     eval_images: int = 256,
+    data: str = "synthetic",
     config: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train tokenizer `name` until `steps` total steps or `minutes` of wall time (this run), whichever comes first.
 
     Resumes from `<out_dir>/checkpoint/` when present (the saved config wins; a different `config` raises).
+    `data`: "synthetic" (procedural images from flat to noise, `vtc.tokenizers.data`) or "shapes" (vtc-shapes
+    scenes at the tokenizer's size: the tokens a VLM bridge on that benchmark needs, see `vtc train bridge`).
     Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
     """
     if minutes is None and steps is None:
@@ -133,6 +153,8 @@ def train_tokenizer(
         raise ValueError(f"steps={steps} must be >= 0")
     if threads < 1:
         raise ValueError(f"threads={threads} must be >= 1")
+    if data not in DATA:
+        raise ValueError(f"data={data!r} is not one of {DATA}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(name, tail_dropout)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -154,6 +176,8 @@ def train_tokenizer(
         model.train()
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        if state.get("data", "synthetic") != data:
+            raise ValueError(f"{ckpt} was trained on data={state.get('data', 'synthetic')!r}, not {data!r}")
         if (state.get("seed", seed), state.get("batch_size", batch_size)) != (seed, batch_size):
             say(f"[{name}] resuming with the checkpoint's seed={state['seed']}, batch_size={state['batch_size']}")
             seed, batch_size = int(state["seed"]), int(state["batch_size"])
@@ -179,7 +203,7 @@ def train_tokenizer(
     while (total is None or step < total) and (deadline is None or time.monotonic() < deadline):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
-        x = synthetic_batch(step, batch_size, c.image_size, seed)
+        x = (synthetic_batch if data == "synthetic" else shapes_batch)(step, batch_size, c.image_size, seed)
         loss, logs = model.training_loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,13 +232,14 @@ def train_tokenizer(
                 opt,
                 step,
                 elapsed_before + time.monotonic() - t0,
-                {"seed": seed, "batch_size": batch_size, "lr": lr},
+                {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data},
             )
     run_s = time.monotonic() - t0
     if step > start_step:
         save_checkpoint(
-            out, model, opt, step, elapsed_before + run_s, {"seed": seed, "batch_size": batch_size, "lr": lr}
-        )
+            out, model, opt, step, elapsed_before + run_s,
+            {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data},
+        )  # fmt: skip
     model.eval()
     model.save_pretrained(out)
     summary: dict[str, Any] = {
@@ -264,6 +289,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-images", type=int, default=256, help="held-out images for the final PSNR curve (0 = skip)")
     p.add_argument("--no-tail-dropout", action="store_true", help="ablation: always train on all K tokens")
+    p.add_argument("--data", choices=DATA, default="synthetic", help="training images (shapes: for a VLM bridge)")
     p.add_argument(
         "--set",
         action="append",
@@ -297,6 +323,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log_every=args.log_every,
         tail_dropout=not args.no_tail_dropout,
         eval_images=args.eval_images,
+        data=args.data,
         config=config,
     )
 
