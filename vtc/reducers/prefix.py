@@ -35,6 +35,7 @@ class Prefix(Reducer):
     """Keep the first k (valid) tokens; adaptive tokenizers' per-image lengths cap k further."""
 
     adaptive = True
+    uses = ("lengths",)
 
     def _keep(self, vt: VisualTokens, ks: Tensor) -> Selection:
         b, n, _ = vt.tokens.shape
