@@ -485,8 +485,11 @@ def test_shapes_data_is_the_benchmark_scene_at_tokenizer_size(tmp_path):
     scene = S.make_scene(10**7 + 4 * 10**6 + 2 * 3 + 1)  # the second image of batch 2, seed 1
     want = cv2.resize(scene.render(), (16, 16), interpolation=cv2.INTER_AREA)
     assert torch.equal(x[1], torch.from_numpy(want).permute(2, 0, 1).float() / 255)
+    dense = train_mod.shapes_batch(2, 3, size=16, seed=1, variant="dense")[1]
+    want = cv2.resize(S.make_scene(10**7 + 4 * 10**6 + 7, "dense").render(), (16, 16), interpolation=cv2.INTER_AREA)
+    assert torch.equal(dense, torch.from_numpy(want).permute(2, 0, 1).float() / 255)
     out = train_mod.train_tokenizer(
-        "flextok", tmp_path, steps=2, batch_size=2, data="shapes", eval_images=0, config=dict(TINY), log=None
+        "flextok", tmp_path, steps=2, batch_size=2, data="shapes_dense", eval_images=0, config=dict(TINY), log=None
     )
     assert out["steps"] == 2
     with pytest.raises(ValueError, match="data='mnist' is not one of"):

@@ -103,18 +103,19 @@ def prefix_psnr(model: Tokenizer1D, images: torch.Tensor, batch: int = 64) -> di
     return out
 
 
-DATA = ("synthetic", "shapes")
+DATA = ("synthetic", "shapes", "shapes_dense")
 
 
-def shapes_batch(step: int, batch_size: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    """Training batch `step` of vtc-shapes scenes (benchmark distribution, training seeds: seed·10⁷ + 4·10⁶ + i,
-    disjoint from every benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`."""
+def shapes_batch(step: int, batch_size: int, size: int = 32, seed: int = 0, variant: str = "base") -> torch.Tensor:
+    """Training batch `step` of vtc-shapes scenes (training seeds: seed·10⁷ + 4·10⁶ + i, disjoint from every
+    benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`. `variant="dense"`:
+    the crowded scenes (12-18 objects, 2-4 letters), whose objects weigh enough in a pixel loss to be encoded."""
     import cv2
 
     from vtc.eval.benchmarks import shapes as S
 
     start = seed * 10**7 + 4 * 10**6 + step * batch_size
-    imgs = [cv2.resize(S.make_scene(start + i).render(), (size, size), interpolation=cv2.INTER_AREA)
+    imgs = [cv2.resize(S.make_scene(start + i, variant).render(), (size, size), interpolation=cv2.INTER_AREA)
             for i in range(batch_size)]  # fmt: skip
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
 
@@ -143,8 +144,9 @@ def train_tokenizer(
     """Train tokenizer `name` until `steps` total steps or `minutes` of wall time (this run), whichever comes first.
 
     Resumes from `<out_dir>/checkpoint/` when present (the saved config wins; a different `config` raises).
-    `data`: "synthetic" (procedural images from flat to noise, `vtc.tokenizers.data`) or "shapes" (vtc-shapes
-    scenes at the tokenizer's size: the tokens a VLM bridge on that benchmark needs, see `vtc train bridge`).
+    `data`: "synthetic" (procedural images from flat to noise, `vtc.tokenizers.data`), "shapes" or "shapes_dense"
+    (vtc-shapes scenes at the tokenizer's size: the tokens a VLM bridge on that benchmark needs, `vtc train bridge`;
+    on benchmark scenes the objects are so few pixels that an MSE-trained tokenizer learns the background only).
     Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
     """
     if minutes is None and steps is None:
@@ -203,7 +205,10 @@ def train_tokenizer(
     while (total is None or step < total) and (deadline is None or time.monotonic() < deadline):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
-        x = (synthetic_batch if data == "synthetic" else shapes_batch)(step, batch_size, c.image_size, seed)
+        if data == "synthetic":
+            x = synthetic_batch(step, batch_size, c.image_size, seed)
+        else:
+            x = shapes_batch(step, batch_size, c.image_size, seed, "dense" if data == "shapes_dense" else "base")
         loss, logs = model.training_loss(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
