@@ -171,7 +171,8 @@ def _tokenizer_tower_flops(cfg: Any, images: Any) -> dict[str, int]:
     n = patches + k + (1 if vc.tokenizer == "karl" else 0)
     hidden = int(w * t.get("mlp_ratio", 4.0))
     embed = 2 * views * patches * 3 * p * p * w
-    per_token = w * vc.hidden_size  # the code projection
+    code_dim = len(t["fsq_levels"]) if t.get("quantizer", "fsq") == "fsq" else t["vq_dim"]
+    per_token = w * code_dim  # the code projection (encode quantizes; the VLM reads the latents before it)
     if t.get("quantizer") == "vq":  # distances of every latent to every code
         per_token += t["vq_dim"] * t["vq_codebook_size"]
     if "halt_hidden" in t:  # KARL's halting head

@@ -147,11 +147,11 @@ def test_karl_tower_lengths_cap_the_prefix(tmp_path):
 
 def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
     (model, _, tok), _ = _bridge(tmp_path, "flextok")
-    codes = torch.randn(2, 8, 4)
+    latents = torch.randn(2, 8, 32)  # TINY width
     turns = [[("how many circles are there ?", "two")]] * 2
-    ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, codes, [3, 8], turns)
+    ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, latents, [3, 8], turns)
     assert feats.shape[0] == 3 + 8
-    torch.testing.assert_close(feats[:3], model.model.multi_modal_projector(codes[0, :3]))
+    torch.testing.assert_close(feats[:3], model.model.multi_modal_projector(latents[0, :3]))
     n0 = int(mask[0].sum())
     text0 = pos[0, 4:n0].tolist()
     assert pos[0, :4].tolist() == [0, 1, 2, 3] and text0 == list(range(9, 9 + len(text0)))

@@ -1,11 +1,13 @@
 """A 1-D tokenizer as the vision tower of a stock `LlavaForConditionalGeneration` (the tokenizer → VLM bridge).
 
-`TokenizerTower` is a transformers `PreTrainedModel` whose output "hidden state" is the code vectors of an image's
-K ordered tokens `[B, K, code_dim]` (what the tokenizer transmits: FSQ codes or unit VQ codes, not the encoder's
-pre-quantisation features). Put into a `LlavaConfig` as `vision_config` (`vision_feature_layer=-1`,
-`vision_feature_select_strategy="full"`), the LLaVA projector maps those codes into the LLM, and the model saves,
-loads (`from_pretrained`, after `import vtc`), generates and is compressed like any LLaVA. The stock `LlavaProcessor`
-expands `<image>` to `(S // patch_size)^2 + num_additional_image_tokens` placeholders; `bridge_processor_kwargs`
+`TokenizerTower` is a transformers `PreTrainedModel` whose output "hidden state" is an image's K ordered latent
+tokens `[B, K, width]`: the encoder's continuous latents, the values the quantizer rounds into the discrete tokens
+(pinned, as TokenFLEX and MQT-LLaVA feed continuous features to the projector; on vtc-shapes an MLP probe reads
+the colours present from them at 0.74 against 0.59 from the FSQ codes). Put into a `LlavaConfig` as
+`vision_config` (`vision_feature_layer=-1`, `vision_feature_select_strategy="full"`), the LLaVA projector maps those
+latents into the LLM, and the model saves, loads (`from_pretrained`, after `import vtc`), generates and is
+compressed like any LLaVA. The stock `LlavaProcessor` expands `<image>` to `(S // patch_size)^2 +
+num_additional_image_tokens` placeholders; `bridge_processor_kwargs`
 pins patch_size = image side and `num_additional_image_tokens = K - 1`, i.e. K placeholders.
 
 Token budgets then act on the ordered sequence: the `prefix` reducer keeps the first k tokens (the coarse image, as
@@ -44,13 +46,13 @@ class TokenizerTowerConfig(PretrainedConfig):
         super().__init__(**kw)
         cfg = TOKENIZERS.get(tokenizer).config_cls(**self.tokenizer_config)
         self.image_size = cfg.image_size
-        self.hidden_size = cfg.code_dim  # what the projector receives
+        self.hidden_size = cfg.width  # what the projector receives: the latent tokens
         self.num_tokens = cfg.num_tokens
 
 
 @dataclass
 class TokenizerTowerOutput(BaseModelOutputWithPooling):
-    """`last_hidden_state` / `hidden_states[-1]`: `[B, K, code_dim]` token codes; `lengths`: `[B]` tokens each
+    """`last_hidden_state` / `hidden_states[-1]`: `[B, K, width]` latent tokens; `lengths`: `[B]` tokens each
     image needs for `config.error` (adaptive tokenizers only, else None)."""
 
     lengths: Tensor | None = None
@@ -96,8 +98,8 @@ class TokenizerTower(PreTrainedModel):
             lengths = t.lengths
         else:
             t, lengths = tok.encode(x), None
-        codes = tok.quantizer.ids_to_codes(t.ids).to(pixel_values.dtype)  # [B, K, code_dim]
-        return TokenizerTowerOutput(last_hidden_state=codes, hidden_states=(codes,), lengths=lengths)
+        latents = t.features.to(pixel_values.dtype)  # [B, K, width]
+        return TokenizerTowerOutput(last_hidden_state=latents, hidden_states=(latents,), lengths=lengths)
 
 
 def load_tokenizer_into(tower: TokenizerTower, tokenizer) -> None:

@@ -5,16 +5,16 @@
     vtc train bridge karl        --out assets/tiny-karl-llava-shapes --error 0.06
 
 The model is a stock `LlavaForConditionalGeneration`: the frozen, trained tokenizer (`assets/tokenizers/NAME`) is
-its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K token codes of a 32-px view of the image),
+its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K latent tokens of a 32-px view of the image),
 then the LLaVA MLP projector and the same Llama LM as `vtc train vlm llava`. The projector and LM learn from
 multi-turn vtc-shapes QA on **random prefix lengths** (as TokenFLEX, arXiv 2504.03154, and MQT-LLaVA, arXiv
 2405.19315, train for a variable number of visual tokens): each training image keeps its first k tokens, k uniform in
 1..K, or all K with probability `full_prob`. The `prefix` reducer then truncates the sequence at evaluation, and
 KARL's tower reports the length it picks per image for `--error`.
 
-Pinned choices: the LM sees the tokens' code vectors (what the tokenizer transmits), not the encoder's continuous
-features; the tokenizer codes of the training pool are computed once (the tower is frozen); for KARL they are
-computed with the error condition used at evaluation, so training and evaluation see the same codes.
+Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
+`vtc.tokenizers.tower`); the latents of the training pool are computed once (the tower is frozen); for KARL they are
+computed with the error condition used at evaluation, so training and evaluation see the same latents.
 Checkpoints are safetensors and a killed run resumes where it stopped.
 """
 
@@ -85,25 +85,25 @@ def build_bridge(cfg: BridgeConfig):
 
 
 @torch.no_grad()
-def tower_codes(model, processor, images: np.ndarray, chunk: int = 256) -> tuple[Tensor, Tensor]:
-    """Token codes `[n, K, d]` and lengths `[n]` (K when not adaptive) of uint8 images `[n, H, W, 3]`."""
+def tower_latents(model, processor, images: np.ndarray, chunk: int = 256) -> tuple[Tensor, Tensor]:
+    """Latent tokens `[n, K, width]` and lengths `[n]` (K when not adaptive) of uint8 images `[n, H, W, 3]`."""
     tower = model.model.vision_tower.eval()
-    codes, lengths = [], []
+    latents, lengths = [], []
     for i in range(0, len(images), chunk):
         pix = processor.image_processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
         out = tower(pix)
-        codes.append(out.last_hidden_state.float())
+        latents.append(out.last_hidden_state.float())
         k = out.last_hidden_state.shape[1]
         lengths.append(out.lengths if out.lengths is not None else torch.full((len(pix),), k))
-    return torch.cat(codes), torch.cat(lengths).long()
+    return torch.cat(latents), torch.cat(lengths).long()
 
 
-def prefix_batch(model, tok, codes: Tensor, ks: list[int], turns: list[list[tuple[str, str]]]):
+def prefix_batch(model, tok, latents: Tensor, ks: list[int], turns: list[list[tuple[str, str]]]):
     """ids, labels, mask, position ids `[B, L]` and the projected visual tokens `[sum(ks), D]` (placeholder order).
 
     Positions are those `vtc.compress` gives a truncated sequence by default (`positions="original"`): the text
     after a k-token prefix sits where it would after all K tokens, so training and evaluation agree."""
-    n_tok = codes.shape[1]
+    n_tok = latents.shape[1]
     seqs = [vlm.build_sequence(vlm.image_prefix("llava", k), t, tok) for k, t in zip(ks, turns, strict=True)]
     width = max(len(a) for a, _ in seqs)
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -113,7 +113,7 @@ def prefix_batch(model, tok, codes: Tensor, ks: list[int], turns: list[list[tupl
     for j, ((a, b), k) in enumerate(zip(seqs, ks, strict=True)):
         ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
         pos[j, 1 + k :] += n_tok - k  # bos, k image tokens, then the text at its full-length position
-    proj = model.model.multi_modal_projector(codes)  # [B, K, D]
+    proj = model.model.multi_modal_projector(latents)  # [B, K, D]
     feats = torch.cat([proj[j, :k] for j, k in enumerate(ks)])  # [sum ks, D]
     return ids, lab, mask, pos, feats
 
@@ -124,14 +124,14 @@ def bridge_val(model, processor, tok, cfg: BridgeConfig, ks: tuple[int, ...]) ->
     model.eval()
     bench = S.ShapesBenchmark(split="val", per_type=cfg.val_per_type)
     samples = [bench[i] for i in range(len(bench))]
-    codes, _ = tower_codes(model, processor, np.stack([np.asarray(s.images[0]) for s in samples]))
+    latents, _ = tower_latents(model, processor, np.stack([np.asarray(s.images[0]) for s in samples]))
     res = {}
     for k in ks:
         hits = []
         for i in range(0, len(samples), 32):
             part = samples[i : i + 32]
             ids, lab, mask, pos, feats = prefix_batch(
-                model, tok, codes[i : i + 32], [k] * len(part), [[(s.question, s.answer)] for s in part]
+                model, tok, latents[i : i + 32], [k] * len(part), [[(s.question, s.answer)] for s in part]
             )
             logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
             ok = ((logits[:, :-1].argmax(-1) == lab[:, 1:]) | (lab[:, 1:] == -100)).all(1)
@@ -156,19 +156,19 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
 
     seed0 = cfg.seed * 10**7 + 3 * 10**6  # disjoint from every benchmark split and from the other trainers' pools
     seeds = np.arange(cfg.pool) + seed0
-    cache = work / "codes.safetensors"
+    cache = work / "latents.safetensors"
     from safetensors.torch import load_file, save_file
 
     if cache.exists():
         z = load_file(str(cache))
-        codes, lengths = z["codes"], z["lengths"]
+        latents, lengths = z["latents"], z["lengths"]
     else:
         t0 = time.time()
         images, _ = vlm.render_pool(cfg.pool, 4, seed0=seed0, workers=cfg.threads)
-        codes, lengths = tower_codes(model, processor, images)
-        save_file({"codes": codes, "lengths": lengths}, str(cache))
-        log(f"token codes of {cfg.pool} scenes {tuple(codes.shape)} in {time.time() - t0:.0f}s")
-    n_tok = codes.shape[1]
+        latents, lengths = tower_latents(model, processor, images)
+        save_file({"latents": latents, "lengths": lengths}, str(cache))
+        log(f"latent tokens of {cfg.pool} scenes {tuple(latents.shape)} in {time.time() - t0:.0f}s")
+    n_tok = latents.shape[1]
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -187,7 +187,7 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         for g in opt.param_groups:
             g["lr"] = vlm.lr_at(step, cfg.steps, cfg.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ids, lab, mask, pos, feats = prefix_batch(model, tok, codes[idx], ks, turns)
+            ids, lab, mask, pos, feats = prefix_batch(model, tok, latents[idx], ks, turns)
             logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
