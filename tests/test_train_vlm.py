@@ -168,3 +168,13 @@ def test_relation_target_agrees_with_the_spatial_answer():
         seen += 1
     assert seen > 50
     assert vlm.relation_target(S.make_scene(0), "what letter is written in the image ?") is None
+
+
+def test_count_target_is_the_answer():
+    rng = np.random.default_rng(2)
+    for seed in range(60):
+        scene = S.make_scene(seed)
+        qa = S.ask(scene, "count", rng)
+        if qa is not None:
+            assert vlm.count_target(scene, qa[0]) * 3 == S.NUMBERS.index(qa[1])
+    assert vlm.count_target(S.make_scene(0), "what letter is written in the image ?") is None

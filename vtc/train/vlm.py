@@ -20,7 +20,8 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
    a grounding loss makes head 0 of every layer >= 1 attend, from the row that predicts an answer, to the objects the
    question is about (spatial questions: head 0 on object A, head 1 on object B), and a linear read-out must recover
    A's offset from B, (dy, dx), from that row after layer 2 (without it the relation stayed at chance: the heads
-   found the objects but the answer row held no usable position; a linear probe of it scored 0.30 for 4 classes).
+   found the objects but the answer row held no usable position; a linear probe of it scored 0.30 for 4 classes),
+   and another the number a "how many" question asks for.
 
 Every stage checkpoints (safetensors: model, optimiser moments, RNG-free step counter) and a killed run resumes
 where it stopped. The final model and its processor (word-level tokenizer, image processor, chat template) are
@@ -81,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
+    count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
 
 
 # ---------------------------------------------------------------------- model, tokenizer, processor
@@ -488,6 +490,13 @@ def relation_target(scene: S.Scene, question: str) -> tuple[float, float] | None
     return (a.cy - b.cy) / half, (a.cx - b.cx) / half
 
 
+def count_target(scene: S.Scene, question: str) -> float | None:
+    """The answer of "how many ... are there ?" as a number (a third of it), else None."""
+    if not question.startswith("how many"):
+        return None
+    return len(scene.referred(question)) / 3
+
+
 # ---------------------------------------------------------------------- the run
 def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     check_family(cfg.family)
@@ -504,6 +513,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     heads = DenseHeads(dim)
     aux = nn.Linear(dim, 2)
     rel = nn.Linear(dim, 2)  # spatial read-out (training only)
+    cnt = nn.Linear(dim, 1)  # count read-out (training only)
     logf = open(work / "log.jsonl", "a")
 
     def record(**kw):
@@ -533,7 +543,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         visual.append(model.model.multi_modal_projector)
     vis_params = [p for m in visual for p in m.parameters()]
     ckpt = work / "state.safetensors"
-    modules = {"model": model, "heads": heads, "aux": aux, "rel": rel}
+    modules = {"model": model, "heads": heads, "aux": aux, "rel": rel, "cnt": cnt}
 
     # ---- stage 1: dense
     opt1 = torch.optim.AdamW(vis_params + list(heads.parameters()), lr=cfg.dense_lr, weight_decay=0.01)
@@ -614,7 +624,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
 
     # ---- stage 3: language model on multi-turn QA
     lm_params = [p for n, p in model.named_parameters() if p.requires_grad]
-    extra = list(aux.parameters()) + list(rel.parameters())  # appended last: older checkpoints keep their indices
+    # appended last, in the order they were introduced: older checkpoints keep their optimiser indices
+    extra = list(aux.parameters()) + list(rel.parameters()) + list(cnt.parameters())
     opt3 = torch.optim.AdamW(lm_params + extra, lr=cfg.lm_lr, weight_decay=0.01)
     if meta["stage"] == "lm" and meta["step"] > 0:
         meta = load_state(ckpt, modules, opt3)
@@ -631,7 +642,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     for step in range(meta["step"] if meta["stage"] == "lm" else cfg.lm_steps, cfg.lm_steps):
         r = np.random.default_rng(cfg.seed * 104729 + step)
         idx = r.integers(0, cfg.pool, cfg.lm_batch)
-        batch, rows, targets, rel_at, rel_y = [], [], [], [], []
+        batch, rows, targets, rel_at, rel_y, cnt_at, cnt_y = [], [], [], [], [], [], []
         for j, i in enumerate(idx):
             scene, turns = make_turns(int(seeds[i]), cfg.qa_per_image, r)
             rws: list[int] = []
@@ -642,6 +653,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 if t is not None:
                     rel_at.append((j, row))
                     rel_y.append(t)
+                c = count_target(scene, q)
+                if c is not None:
+                    cnt_at.append((j, row))
+                    cnt_y.append(c)
             if cfg.attn_sup > 0:
                 omap = scene.object_map(grid)
                 targets.append([target_columns(scene, q, grid, offset, omap) for q, _ in turns])
@@ -668,18 +683,23 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 at = torch.tensor(rel_at)
                 pred = rel(hid_rel[at[:, 0], at[:, 1]]).float()
                 rel_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(rel_y, dtype=torch.float32))
+            cnt_loss = torch.zeros(())
+            if cfg.count_sup > 0 and cnt_at:  # ... and how many objects the question counts
+                at = torch.tensor(cnt_at)
+                pred = cnt(hid_rel[at[:, 0], at[:, 1]]).float()[:, 0]
+                cnt_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(cnt_y, dtype=torch.float32))
         opt3.zero_grad(set_to_none=True)
-        (loss + aux_loss + cfg.attn_sup * ground + cfg.rel_sup * rel_loss).backward()
+        (loss + aux_loss + cfg.attn_sup * ground + cfg.rel_sup * rel_loss + cfg.count_sup * cnt_loss).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
             log(
                 f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} "
-                f"ground {float(ground):.3f} rel {float(rel_loss):.3f} {time.time() - t0:.0f}s"
+                f"ground {float(ground):.3f} rel {float(rel_loss):.3f} count {float(cnt_loss):.3f} "
+                f"{time.time() - t0:.0f}s"
             )
-            record(
-                stage="lm", step=step, loss=float(loss), aux=float(aux_loss), ground=float(ground), rel=float(rel_loss)
-            )
+            parts = {"aux": aux_loss, "ground": ground, "rel": rel_loss, "count": cnt_loss}
+            record(stage="lm", step=step, loss=float(loss), **{k: float(v) for k, v in parts.items()})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
             save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
