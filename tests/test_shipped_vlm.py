@@ -38,7 +38,8 @@ def test_default_model_ships_and_answers_held_out_questions():
     assert acc["text"] >= 0.8, acc
     assert acc["colour"] >= 0.8, acc
     assert acc["shape"] >= 0.8 and acc["existence"] >= 0.8, acc
-    assert sum(sum(v) for v in hits.values()) / len(bench) >= 0.7, acc
+    assert acc["spatial"] >= 0.7 and acc["count"] >= 0.6, acc  # chance: 0.25 and ~0.2
+    assert sum(sum(v) for v in hits.values()) / len(bench) >= 0.85, acc  # shipped: 0.98 here, 0.95 on 600
 
 
 def test_default_model_loses_text_answers_when_pruned_randomly():

@@ -72,7 +72,7 @@ class TrainConfig:
     dense_batch: int = 16
     dense_lr: float = 2e-3
     dense_fg_weight: float = 20.0  # labelled (object, letter) cells weigh 1 + this, background 1
-    lm_steps: int = 5000
+    lm_steps: int = 12000  # the shipped Qwen2-VL's total (it was trained in resumed segments, see README)
     lm_batch: int = 8
     lm_lr: float = 2e-3
     qa_per_image: int = 20
