@@ -13,11 +13,11 @@ multi-turn vtc-shapes QA on **random prefix lengths** (as TokenFLEX, arXiv 2504.
 KARL's tower reports the length it picks per image for `--error`.
 
 Measured on the shipped 32-px FlexTok: answer-only training ignored the image (0.32-0.35 validation accuracy, the
-same at k = 8 and 32, after 1 300 steps), and so did training with `--attn-sup 1`, a grounding loss that makes head
-0 of each layer >= 1 attend from every answer row to the image's tokens (all kept ones: the latents are global,
-there is no object-to-token map): the attention went there at once and the image tokens became a constant sink
-(p(yes) 0.506 for every image). The tokenizer's latents hold little about 2-4 px objects (an MLP probe reads the
-colours present at 0.74, chance 0.51); see the README for what is left to try.
+same at k = 8 and 32; 1 300 steps on FSQ codes, 600 on the latents), and so did 900 steps with `--attn-sup 1`, a
+grounding loss that makes head 0 of each layer >= 1 attend from every answer row to the image's tokens (all kept
+ones: the latents are global, there is no object-to-token map): the attention went there at once and the image
+tokens became a constant sink (p(yes) 0.506 for every image). The tokenizer's latents hold little about 2-4 px
+objects (an MLP probe reads the colours present at 0.74, chance 0.51); see the README for what is left to try.
 
 Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
 `vtc.tokenizers.tower`); the latents of the training pool are computed once (the tower is frozen); for KARL they
