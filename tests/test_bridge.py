@@ -159,7 +159,6 @@ def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
 
 
 def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
-    (_, _, _), _ = _bridge(tmp_path, "flextok")
     kw = dict(pool=8, steps=4, batch=2, qa_per_image=2, val_every=4, val_per_type=1, checkpoint_every=2, attn_sup=1.0)
     _, cfg = _bridge(tmp_path, "flextok", **kw)
     straight = bridge.train_bridge(cfg, tmp_path / "a", log=lambda *_: None)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +121,9 @@ def prefix_batch(
         seqs.append(vlm.build_sequence(vlm.image_prefix("llava", k), t, tok, r))
         if rows is not None:
             rows.append(r)
-    width = max(len(a) for a, _ in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    pos = torch.arange(width).repeat(len(seqs), 1)
-    for j, ((a, b), k) in enumerate(zip(seqs, ks, strict=True)):
-        ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+    ids, lab, mask = vlm.pad_batch(seqs)
+    pos = torch.arange(ids.shape[1]).repeat(len(seqs), 1)
+    for j, k in enumerate(ks):
         pos[j, 1 + k :] += n_tok - k  # bos, k image tokens, then the text at its full-length position
     proj = model.model.multi_modal_projector(latents)  # [B, K, D]
     feats = torch.cat([proj[j, :k] for j, k in enumerate(ks)])  # [sum ks, D]
@@ -228,30 +224,16 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
             acc = bridge_val(model, processor, tok, cfg, (n_tok, max(1, n_tok // 4)))
             log(f"val {step + 1}: {acc}")
             record(stage="val", step=step + 1, **acc)
-    return save_bridge(model, processor, cfg, out, log)
-
-
-def save_bridge(model, processor, cfg: BridgeConfig, out: Path, log=print) -> Path:
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = 0, 2, 1
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    (out / "training.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log(f"saved {out}")
-    return out
+    return vlm.save_model(model, processor, cfg, out, log)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bridge", help="train a tiny LLaVA on a 1-D tokenizer's tokens (random prefix lengths)")
     p.add_argument("tokenizer", help="a registered tokenizer with a trained checkpoint (see vtc.list_tokenizers())")
     p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable); resumes if present")
-    for f, v in asdict(BridgeConfig()).items():
-        if f != "tokenizer":
-            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    vlm.add_config_args(p, BridgeConfig, skip="tokenizer")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> None:
-    fields = {k: getattr(args, k) for k in asdict(BridgeConfig()) if hasattr(args, k)}
-    train_bridge(BridgeConfig(**fields), args.out)
+    train_bridge(vlm.config_from_args(BridgeConfig, args), args.out)  # `tokenizer` is the positional argument

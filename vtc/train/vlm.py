@@ -361,6 +361,17 @@ def build_sequence(prefix: list[int], turns: list[tuple[str, str]], tok, rows: l
     return ids, labels
 
 
+def pad_batch(seqs: list[tuple[list[int], list[int]]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ids, labels (-100 padding) and attention mask `[B, L]` of (ids, labels) pairs."""
+    width = max(len(a) for a, _ in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for j, (a, b) in enumerate(seqs):
+        ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+    return ids, lab, mask
+
+
 def image_prefix(family: str, n_tokens: int) -> list[int]:
     if family == "llava":
         return [1] + [SPECIAL.index("<image>")] * n_tokens
@@ -660,12 +671,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             if cfg.attn_sup > 0:
                 omap = scene.object_map(grid)
                 targets.append([target_columns(scene, q, grid, offset, omap) for q, _ in turns])
-        width = max(len(b[0]) for b in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        lab = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, (a, b) in enumerate(batch):
-            ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+        ids, lab, mask = pad_batch(batch)
         for g in opt3.param_groups:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         capture.store.clear()
@@ -709,10 +715,12 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             model.train()
             for m in visual:
                 m.eval()
-    return _save(model, processor, cfg, out, log)
+    return save_model(model, processor, cfg, out, log)
 
 
-def _save(model, processor, cfg: TrainConfig, out: Path, log=print) -> Path:
+def save_model(model, processor, cfg: Any, out: Path, log=print) -> Path:
+    """`save_pretrained` of model and processor with the tiny word tokenizer's special ids, and `cfg` (a training
+    config dataclass) as training.json."""
     model.eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
@@ -736,7 +744,7 @@ def export_checkpoint(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     dim = model.config.text_config.hidden_size
     meta = load_state(ckpt, {"model": model, "heads": DenseHeads(dim), "aux": nn.Linear(dim, 2)}, None)
     log(f"exporting {meta}")
-    return _save(model, build_processor(cfg.family, tok), cfg, out, log)
+    return save_model(model, build_processor(cfg.family, tok), cfg, out, log)
 
 
 @torch.no_grad()
@@ -753,12 +761,7 @@ def quick_val(model, processor, cfg: TrainConfig, tok) -> dict[str, float]:
             feats = image_features(model, pix, cfg.family)
         prefix = image_prefix(cfg.family, feats.shape[1])
         seqs = [build_sequence(prefix, [(s.question, s.answer)], tok) for s in samples]
-        width = max(len(a) for a, _ in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for j, (a, b) in enumerate(seqs):
-            ids[j, : len(a)], lab[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
+        ids, lab, mask = pad_batch(seqs)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits, _ = lm_forward(model, cfg.family, ids, mask, feats, grid, None)
         pred = logits[:, :-1].argmax(-1)
@@ -771,21 +774,29 @@ def quick_val(model, processor, cfg: TrainConfig, tok) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------- CLI
+def add_config_args(p: argparse.ArgumentParser, cfg_cls: type, skip: str) -> None:
+    """One `--field-name` option per field of the config dataclass `cfg_cls` (its default and type), except `skip`."""
+    for f, v in asdict(cfg_cls()).items():
+        if f != skip:
+            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+
+
+def config_from_args(cfg_cls: type, args: argparse.Namespace) -> Any:
+    return cfg_cls(**{k: getattr(args, k) for k in asdict(cfg_cls()) if hasattr(args, k)})
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("vlm", help="train a tiny VLM (llava or qwen2_vl) on vtc-shapes")
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("--out", required=True, help="output folder (from_pretrained-loadable); resumes if present")
     p.add_argument("--export", action="store_true", help="only save the model of the last checkpoint in OUT/work")
-    for f, v in asdict(TrainConfig()).items():
-        if f != "family":
-            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    add_config_args(p, TrainConfig, skip="family")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> None:
-    fields = {k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)}
-    fields["family"] = args.family
+    cfg = config_from_args(TrainConfig, args)  # `family` is the positional argument of the same name
     if args.export:
-        export_checkpoint(TrainConfig(**fields), args.out)
+        export_checkpoint(cfg, args.out)
     else:
-        train_vlm(TrainConfig(**fields), args.out)
+        train_vlm(cfg, args.out)
