@@ -82,7 +82,7 @@ KEPT_COLOR = (255, 220, 0)  # RGB outline of a kept token
 GROUP_EDGE_COLOR = (255, 255, 255)  # RGB outline between merge groups
 CROP_EDGE_COLOR = (255, 255, 255)  # RGB line along crop borders on the AnyRes canvas
 MIN_NUMBER_CELL = 12  # px: smaller cells get no index numbers
-# the model `visualize` loads when given none: the shipped tiny LLaVA once it exists, else a random tiny one
+# the model `visualize` loads when given none: the shipped tiny LLaVA, or a random tiny one where its files are absent
 DEFAULT_MODEL: str | None = (
     "tiny-llava-shapes" if (Path(__file__).resolve().parent.parent / "assets/tiny-llava-shapes/config.json").exists()
     else None

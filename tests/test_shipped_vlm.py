@@ -1,13 +1,16 @@
-"""The tiny VLM that ships in assets/ (the default of `vtc eval`): it loads with stock transformers classes and
-answers held-out vtc-shapes questions through stock `generate()` at (at least) the accuracy it was shipped with."""
+"""The tiny VLMs that ship in assets/ (the first is the default of `vtc eval`): each loads with stock transformers
+classes and answers held-out vtc-shapes questions through stock `generate()` at (at least) the accuracy it was
+shipped with."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from vtc.eval.benchmarks import shapes as S
 from vtc.eval.harness import EvalConfig, load_model, resolve_model_path
 
 NAME = EvalConfig().model
+SHIPPED = (NAME, "tiny-llava-shapes")  # every model in assets/ that is not git-ignored; a missing one fails the test
 
 
 def _answers(model, processor, samples):
@@ -24,22 +27,23 @@ def _answers(model, processor, samples):
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 
 
-def test_default_model_ships_and_answers_held_out_questions():
-    path = resolve_model_path(NAME)  # raises if the default model is not in assets/
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_answers_held_out_questions(name):
+    path = resolve_model_path(name)  # raises if the model is not in assets/
     model, processor = load_model(path)
     assert type(model).__name__ in ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration")
-    bench = S.ShapesBenchmark(split="test", per_type=10)
+    bench = S.ShapesBenchmark(split="test", per_type=25)  # 150 questions: 10 per type was too few to floor
     preds = _answers(model, processor, list(bench))
     hits: dict[str, list[bool]] = {}
     for s, p in zip(bench, preds, strict=True):
         hits.setdefault(s.qtype, []).append(p == s.answer)
     acc = {t: sum(v) / len(v) for t, v in hits.items()}
-    # floors well below the shipped model's measured test accuracy (README), far above chance (text: 10 letters)
-    assert acc["text"] >= 0.8, acc
-    assert acc["colour"] >= 0.8, acc
-    assert acc["shape"] >= 0.8 and acc["existence"] >= 0.8, acc
-    assert acc["spatial"] >= 0.7 and acc["count"] >= 0.6, acc  # chance: 0.25 and ~0.2
-    assert sum(sum(v) for v in hits.values()) / len(bench) >= 0.85, acc  # shipped: 0.98 here, 0.95 on 600
+    # floors below the shipped models' measured test accuracy, far above chance (text: 10 letters, spatial: 4
+    # relations). Here (150 questions) Qwen2-VL scores 0.967, LLaVA 0.893 (its lowest type: shape 0.76); README:
+    # 0.983 and 0.922 on 600.
+    assert acc["text"] >= 0.8 and acc["colour"] >= 0.8 and acc["existence"] >= 0.8, acc
+    assert acc["shape"] >= 0.6 and acc["spatial"] >= 0.7 and acc["count"] >= 0.6, acc
+    assert sum(sum(v) for v in hits.values()) / len(bench) >= 0.85, acc
 
 
 def test_default_model_loses_text_answers_when_pruned_randomly():

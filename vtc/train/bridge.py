@@ -214,10 +214,10 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         opt.step()
         if step % 20 == 0:
             log(
-                f"bridge {step}/{cfg.steps} loss {float(loss.detach()):.3f} ground {float(ground):.3f} "
+                f"bridge {step}/{cfg.steps} loss {float(loss.detach()):.3f} ground {float(ground.detach()):.3f} "
                 f"{time.time() - t0:.0f}s"
             )
-            record(stage="lm", step=step, loss=float(loss.detach()), ground=float(ground))
+            record(stage="lm", step=step, loss=float(loss.detach()), ground=float(ground.detach()))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1})
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:

@@ -68,11 +68,11 @@ class TrainConfig:
     family: str = "llava"
     pool: int = 12000  # training scenes (rendered once, cached)
     dense_pool: int = 8000  # crowded "dense"-variant scenes for the vision pretraining
-    dense_steps: int = 1800
+    dense_steps: int = 1000
     dense_batch: int = 16
     dense_lr: float = 2e-3
     dense_fg_weight: float = 20.0  # labelled (object, letter) cells weigh 1 + this, background 1
-    lm_steps: int = 12000  # the shipped Qwen2-VL's total (it was trained in resumed segments, see README)
+    lm_steps: int = 6000  # the shipped Qwen2-VL: these defaults, one run from scratch (README)
     lm_batch: int = 8
     lm_lr: float = 2e-3
     qa_per_image: int = 20
@@ -699,13 +699,11 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
-            log(
-                f"lm {step}/{cfg.lm_steps} loss {float(loss):.3f} aux {float(aux_loss):.3f} "
-                f"ground {float(ground):.3f} rel {float(rel_loss):.3f} count {float(cnt_loss):.3f} "
-                f"{time.time() - t0:.0f}s"
-            )
             parts = {"aux": aux_loss, "ground": ground, "rel": rel_loss, "count": cnt_loss}
-            record(stage="lm", step=step, loss=float(loss), **{k: float(v) for k, v in parts.items()})
+            parts = {"loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}}
+            shown = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
+            record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
             save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
