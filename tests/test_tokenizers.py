@@ -207,10 +207,14 @@ def test_one_d_piece_removes_the_tail_instead_of_masking_it():
     x = images(3)
     n_patches = (16 // 4) ** 2
     assert not hasattr(tok.decoder, "mask_token")
+    assert tok.decoder.sink is not None  # one learned token always present, then the kept tokens only
     with torch.no_grad():
         ids = tok.encode(x).ids
         for k in (1, 3, 8):
-            assert _decoder_lengths(tok, lambda k=k: tok.decode(ids[:, :k])) == [n_patches + k]
+            assert _decoder_lengths(tok, lambda k=k: tok.decode(ids[:, :k])) == [n_patches + 1 + k]
+        no_sink = tiny("one_d_piece", decoder_sink=False)
+        assert no_sink.decoder.sink is None
+        assert _decoder_lengths(no_sink, lambda: no_sink.decode(ids[:, :3])) == [n_patches + 3]
         # per-image lengths (masked keys) equal decoding each image's own prefix alone
         mask = torch.arange(8)[None] < torch.tensor([[2], [5], [8]])
         y = tok.decode(TokenizedImages(ids, mask))
@@ -220,9 +224,9 @@ def test_one_d_piece_removes_the_tail_instead_of_masking_it():
     torch.manual_seed(3)
     tok.train()
     lens = _decoder_lengths(tok, lambda: tok.training_loss(x))
-    assert len(lens) == 1 and n_patches + 1 <= lens[0] <= n_patches + 8
+    assert len(lens) == 1 and n_patches + 2 <= lens[0] <= n_patches + 9
     tok_full = tiny("one_d_piece", tail_dropout=False).train()
-    assert _decoder_lengths(tok_full, lambda: tok_full.training_loss(x)) == [n_patches + 8]
+    assert _decoder_lengths(tok_full, lambda: tok_full.training_loss(x)) == [n_patches + 9]
 
 
 def test_flextok_masks_the_tail_with_one_learned_token():

@@ -217,7 +217,9 @@ class PixelDecoder(nn.Module):
     `forward(codes, keep=None)`: `keep [B, n]` marks the tokens each sample keeps (None = all n). With
     `tail="mask"` every position not kept (and every position >= n) becomes the learned `mask_token`; with
     `tail="remove"` the tokens are dropped from the sequence (sliced when the whole batch keeps a common prefix,
-    else masked out of attention as keys).
+    else masked out of attention as keys). `sink=True` adds one learned token that is always in the sequence
+    (after the image queries, before the latents), so the queries' attention has somewhere to go however few
+    latents are left.
     """
 
     def __init__(
@@ -232,6 +234,7 @@ class PixelDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         tail: str = "mask",
         out_chans: int = 3,
+        sink: bool = False,
     ) -> None:
         super().__init__()
         if tail not in ("mask", "remove"):
@@ -246,6 +249,7 @@ class PixelDecoder(nn.Module):
         self.latent_pos = embedding(num_latents, width)
         if tail == "mask":
             self.mask_token = embedding(width)
+        self.sink = embedding(1, width) if sink else None  # [1, w]
         self.image_queries = embedding(self.num_patches, width)
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(depth)])
@@ -269,6 +273,9 @@ class PixelDecoder(nn.Module):
     def forward(self, codes: Tensor, keep: Tensor | None = None) -> Tensor:
         b = codes.shape[0]
         z, key_keep = self.latent_sequence(codes, keep)
+        if self.sink is not None:
+            z = torch.cat([self.sink.to(z.dtype).expand(b, -1, -1), z], dim=1)  # [B, 1 + n, w]
+            key_keep = None if key_keep is None else F.pad(key_keep, (1, 0), value=True)
         q = self.image_queries.expand(b, -1, -1)  # [B, N, w]
         h = self.ln_pre(torch.cat([q, z], dim=1))  # [B, N + n, w]
         mask = None

@@ -12,6 +12,14 @@ What is implemented, as in the paper:
   first n quantised tokens with the position embeddings sliced to [:n]. The tail is **removed** from the decoder
   sequence (length N + n), not replaced by a mask token; the decoder has no mask token at all.
 
+Two pinned choices make the prefix curve rise at this scale (2 000-step runs on 32-px procedural images, 256
+held-out, PSNR from k = 1 to 32): with TiTok's learned patch positions and the tail removed the curve was flat
+(17.7 -> 18.5 dB; FSQ instead of VQ, per-image lengths, causal latents, codebook restarts, code dim and learning rate
+changed nothing), masking the tail instead of removing it fixed it only with fixed positions (+2.9 dB), and the
+paper's removal kept but with one learned **sink token always present in the decoder** and **fixed sin-cos patch
+positions** gave 16.5 -> 20.6 dB (+4.2, as FlexTok's +4.1 in the same steps; sink alone or sin-cos alone: flat).
+So `decoder_sink=True` and `pos_embed="sincos"` are the defaults; the tail is still removed, not masked.
+
 Pinned simplifications at this scale: single-stage training with pixel MSE (+ the VQ loss) through a linear patch
 head, instead of the paper's two stages (proxy codes of a frozen MaskGIT-VQGAN, then pixel decoder fine-tuning with
 perceptual and GAN losses); the ViT sizes are tiny (`TokenizerConfig` defaults).
@@ -33,7 +41,8 @@ from .quantizers import build_quantizer
 @dataclass
 class OneDPieceConfig(TokenizerConfig):
     quantizer: str = "vq"  # One-D-Piece (TiTok) uses VQ
-    pos_embed: str = "learned"  # TiTok's learned patch position embedding
+    pos_embed: str = "sincos"  # fixed 2-D sin-cos patch positions (TiTok learns them; see the module docstring)
+    decoder_sink: bool = True  # one learned token always in the decoder sequence (see the module docstring)
 
 
 @register_tokenizer("one_d_piece", config=OneDPieceConfig)
@@ -55,7 +64,7 @@ class OneDPiece(Tokenizer1D):
         )
         self.decoder = PixelDecoder(
             c.image_size, c.patch_size, c.width, c.dec_depth, c.num_heads, c.num_tokens, c.code_dim, c.mlp_ratio,
-            tail="remove",
+            tail="remove", sink=c.decoder_sink,
         )  # fmt: skip
 
     def encode(self, images: Tensor, num_tokens: int | None = None) -> TokenizedImages:
