@@ -10,7 +10,8 @@ What is implemented, as in the paper:
   `quantizers.VectorQuantizer`);
 - **Tail Token Drop** in training: one length n ~ U{1..K} is drawn **per batch** and the decoder receives only the
   first n quantised tokens with the position embeddings sliced to [:n]. The tail is **removed** from the decoder
-  sequence (length N + n), not replaced by a mask token; the decoder has no mask token at all.
+  sequence (length N + n, plus the one sink token below), not replaced by a mask token; the decoder has no mask
+  token at all.
 
 Two pinned choices make the prefix curve rise at this scale (2 000-step runs on 32-px procedural images, 256
 held-out, PSNR from k = 1 to 32): with TiTok's learned patch positions and the tail removed the curve was flat
