@@ -277,7 +277,7 @@ class PixelDecoder(nn.Module):
             z = torch.cat([self.sink.to(z.dtype).expand(b, -1, -1), z], dim=1)  # [B, 1 + n, w]
             key_keep = None if key_keep is None else F.pad(key_keep, (1, 0), value=True)
         q = self.image_queries.expand(b, -1, -1)  # [B, N, w]
-        h = self.ln_pre(torch.cat([q, z], dim=1))  # [B, N + n, w]
+        h = self.ln_pre(torch.cat([q, z], dim=1))  # [B, N + n, w] (N + 1 + n with the sink)
         mask = None
         if key_keep is not None:
             keys = torch.cat([torch.ones(b, self.num_patches, dtype=torch.bool, device=codes.device), key_keep], 1)

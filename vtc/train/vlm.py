@@ -699,8 +699,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
-            parts = {"aux": aux_loss, "ground": ground, "rel": rel_loss, "count": cnt_loss}
-            parts = {"loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}}
+            parts = {"loss": loss, "aux": aux_loss, "ground": ground, "rel": rel_loss, "count": cnt_loss}
+            parts = {k: float(v.detach()) for k, v in parts.items()}
             shown = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
             record(stage="lm", step=step, **parts)
