@@ -56,6 +56,45 @@ def test_grounding_loss_matches_eager_attention(tiny):
     assert rows == [len(prefix) + 5, len(prefix) + 5 + 2 + 6]  # the last question token of each turn
 
 
+def _grounding_loop(store, rows, targets):
+    """The obvious per-row, per-head loop: the reference for the batched `grounding_loss`."""
+    losses = []
+    for q, k, scale in store.values():
+        groups = q.shape[1] // k.shape[1]
+        for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
+            for r, per_head in zip(rs, ts, strict=True):
+                for head, cols in enumerate(per_head):
+                    if cols:
+                        logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale
+                        logp = logits.log_softmax(-1)
+                        losses.append(-torch.logsumexp(logp[cols], 0))
+    return torch.stack(losses).mean()
+
+
+def test_grounding_loss_batched_matches_loop_values_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    n_b, n_h, n_kv, n_len, d = 3, 4, 2, 20, 8  # grouped-query heads: 2 query heads per key head
+    qk = [(torch.randn(n_b, n_h, n_len, d, generator=g), torch.randn(n_b, n_kv, n_len, d, generator=g), 0.3)
+          for _ in range(2)]  # fmt: skip
+    rows = [[9, 14, 19], [12], [10, 17]]  # ragged turns per row
+    targets = [
+        [[[0, 3], [5]], [[1]], [[2, 4, 6], [], [7]]],  # ragged heads; an empty head is skipped
+        [[[], [8, 9]]],
+        [[[4]], [[0], [1], [2]]],
+    ]
+    ref_in = [(q.clone().requires_grad_(), k.clone().requires_grad_(), s) for q, k, s in qk]
+    got_in = [(q.clone().requires_grad_(), k.clone().requires_grad_(), s) for q, k, s in qk]
+    ref = _grounding_loop(dict(enumerate(ref_in)), rows, targets)
+    got = vlm.grounding_loss(dict(enumerate(got_in)), rows, targets)
+    assert torch.allclose(got, ref, atol=1e-5)
+    ref.backward()
+    got.backward()
+    for (qr, kr, _), (qg, kg, _) in zip(ref_in, got_in, strict=True):
+        assert torch.isfinite(qg.grad).all() and torch.isfinite(kg.grad).all()
+        assert torch.allclose(qg.grad, qr.grad, atol=1e-5) and torch.allclose(kg.grad, kr.grad, atol=1e-5)
+    assert float(vlm.grounding_loss(dict(enumerate(qk)), [[], [], []], [[], [], []])) == 0.0
+
+
 def test_standardize_projector_is_an_exact_fold(tiny):
     model, _ = tiny
     model = type(model)(model.config).eval()

@@ -451,19 +451,41 @@ class AttentionCapture:
 
 def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[list[int]]]]) -> Tensor:
     """Mean over supervised layers, turns and heads of -log(attention mass that head h of the answer-predicting row
-    puts on `targets[b][turn][h]`, the visual columns that head must look at). Empty column lists are skipped."""
+    puts on `targets[b][turn][h]`, the visual columns that head must look at). Empty column lists are skipped.
+
+    Batched: one [B, H, R, L] score tensor per layer (R = most turns in a row of the batch), not a loop per row."""
+    if not store:
+        return torch.zeros(())
+    q0, k0, _ = next(iter(store.values()))
+    n_b, n_len = q0.shape[0], k0.shape[2]
+    n_r = max(len(rs) for rs in rows)
+    n_h = max((len(ph) for ts in targets for ph in ts), default=0)
+    if n_r == 0 or n_h == 0:
+        return torch.zeros(())
+    row_t = torch.zeros(n_b, n_r, dtype=torch.long)  # [B, R]
+    want = torch.zeros(n_b, n_h, n_r, n_len, dtype=torch.bool)  # [B, H, R, L] target columns
+    for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
+        for t, (r, per_head) in enumerate(zip(rs, ts, strict=True)):
+            row_t[b, t] = r
+            for head, cols in enumerate(per_head):
+                want[b, head, t, cols] = True
+    used = want.any(-1)  # [B, H, R]
+    if not used.any():
+        return torch.zeros(())
+    want |= ~used[..., None]  # unused (padding) entries sum over every column: finite, so no NaN gradient
+    future = torch.arange(n_len)[None, None, :] > row_t[..., None]  # [B, R, L] causal: keys after the row
+    b_i = torch.arange(n_b)[:, None, None]
+    h_i = torch.arange(n_h)[None, :, None]
     losses = []
     for q, k, scale in store.values():
         groups = q.shape[1] // k.shape[1]
-        for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
-            for r, per_head in zip(rs, ts, strict=True):
-                for head, cols in enumerate(per_head):
-                    if not cols:
-                        continue
-                    logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale  # [r+1] causal
-                    logp = logits.log_softmax(-1)
-                    losses.append(-torch.logsumexp(logp[cols], 0))
-    return torch.stack(losses).mean() if losses else torch.zeros(())
+        qr = q[b_i, h_i, row_t[:, None, :]].float()  # [B, H, R, d]
+        kh = k[:, torch.arange(n_h) // groups].float()  # [B, H, L, d]
+        logits = (qr @ kh.transpose(-1, -2)) * scale  # [B, H, R, L]
+        logp = logits.masked_fill(future[:, None], float("-inf")).log_softmax(-1)
+        mass = logp.masked_fill(~want, float("-inf")).logsumexp(-1)  # [B, H, R]
+        losses.append(-mass[used])
+    return torch.cat(losses).mean()
 
 
 def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[list[int]]:
