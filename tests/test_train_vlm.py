@@ -217,3 +217,19 @@ def test_count_target_is_the_answer():
         if qa is not None:
             assert vlm.count_target(scene, qa[0]) * 3 == S.NUMBERS.index(qa[1])
     assert vlm.count_target(S.make_scene(0), "what letter is written in the image ?") is None
+
+
+def test_family_defaults_fill_only_unset_fields():
+    import argparse
+
+    assert vlm.TrainConfig(family="llava").lm_steps == vlm.FAMILY_DEFAULTS["llava"]["lm_steps"]
+    assert vlm.TrainConfig(family="qwen2_vl").qa_per_image == vlm.FAMILY_DEFAULTS["qwen2_vl"]["qa_per_image"]
+    assert vlm.TrainConfig(family="llava", lm_steps=7).lm_steps == 7
+    sub = argparse.ArgumentParser().add_subparsers()
+    vlm.add_parser(sub)
+    parser = sub.choices["vlm"]
+    args = parser.parse_args(["qwen2_vl", "--out", "x", "--lm-batch", "3"])
+    cfg = vlm.config_from_args(vlm.TrainConfig, args)
+    assert (cfg.lm_batch, cfg.lm_steps) == (3, vlm.FAMILY_DEFAULTS["qwen2_vl"]["lm_steps"])
+    with pytest.raises(ValueError, match="unknown tiny VLM family 'blip'"):
+        vlm.TrainConfig(family="blip")

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +63,27 @@ IMAGE_SIZE = 192
 ATTRS = ("colour", "shape", "letter", "centre")  # the per-cell label maps, in this order
 
 
+# The measured one-run recipes (README): `None` fields of TrainConfig take their family's value. LLaVA pays for 576
+# visual tokens per sequence (Qwen2-VL: 144), so it asks more questions per image and takes fewer, larger steps.
+FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
+    "llava": {"dense_steps": 1200, "lm_steps": 4500, "lm_batch": 6, "qa_per_image": 40},
+    "qwen2_vl": {"dense_steps": 1000, "lm_steps": 6000, "lm_batch": 8, "qa_per_image": 20},
+}
+
+
 @dataclass
 class TrainConfig:
     family: str = "llava"
     pool: int = 12000  # training scenes (rendered once, cached)
     dense_pool: int = 8000  # crowded "dense"-variant scenes for the vision pretraining
-    dense_steps: int = 1000
+    dense_steps: int | None = None  # None: FAMILY_DEFAULTS[family], as for every `None` below
     dense_batch: int = 16
     dense_lr: float = 2e-3
     dense_fg_weight: float = 20.0  # labelled (object, letter) cells weigh 1 + this, background 1
-    lm_steps: int = 6000  # the shipped Qwen2-VL: these defaults, one run from scratch (README)
-    lm_batch: int = 8
+    lm_steps: int | None = None
+    lm_batch: int | None = None
     lm_lr: float = 2e-3
-    qa_per_image: int = 20
+    qa_per_image: int | None = None
     val_per_type: int = 40
     seed: int = 0
     threads: int = 2
@@ -83,6 +91,12 @@ class TrainConfig:
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
+
+    def __post_init__(self) -> None:
+        check_family(self.family)
+        for k, v in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
 
 
 # ---------------------------------------------------------------------- model, tokenizer, processor
@@ -796,13 +810,15 @@ def quick_val(model, processor, cfg: TrainConfig, tok) -> dict[str, float]:
 # ---------------------------------------------------------------------- CLI
 def add_config_args(p: argparse.ArgumentParser, cfg_cls: type, skip: str) -> None:
     """One `--field-name` option per field of the config dataclass `cfg_cls` (its default and type), except `skip`."""
-    for f, v in asdict(cfg_cls()).items():
-        if f != skip:
-            p.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+    for f in fields(cfg_cls):
+        if f.name != skip:
+            v = f.default
+            per = " (default: per family, FAMILY_DEFAULTS)" if v is None else ""
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=int if v is None else type(v), default=v, help=per)
 
 
 def config_from_args(cfg_cls: type, args: argparse.Namespace) -> Any:
-    return cfg_cls(**{k: getattr(args, k) for k in asdict(cfg_cls()) if hasattr(args, k)})
+    return cfg_cls(**{f.name: getattr(args, f.name) for f in fields(cfg_cls) if hasattr(args, f.name)})
 
 
 def add_parser(sub) -> None:
