@@ -311,6 +311,13 @@ def test_karl_predicts_lengths_in_one_encoder_pass():
         assert tok.predict_num_tokens(x, 0.05).tolist() == [8] * 6
         y = tok.decode(t)
         assert y.shape == (6, 3, 16, 16)
+        # halted tokens are removed from the decoder's attention: each image decodes as its kept tokens alone,
+        # beside the learned sink token that is always present
+        assert tok.decoder.sink is not None and not tok.encoder.pos_embed.requires_grad  # sin-cos positions
+        mask = torch.arange(8)[None] < torch.tensor([[1], [3], [8], [2], [5], [7]])
+        y = tok.decode(TokenizedImages(t.ids, mask))
+        for i, n in enumerate((1, 3, 8, 2, 5, 7)):
+            assert torch.allclose(y[i], tok.decode(t.ids[i : i + 1, :n])[0], atol=1e-5)
     with pytest.raises(ValueError, match="error must be > 0"):
         tok.encode(x, error=0.0)
     with pytest.raises(ValueError, match="one value per image"):

@@ -52,8 +52,13 @@ the fewest tokens that are as good), which is the paper's objective: the shortes
 Measured: resuming that checkpoint for 450 steps with the fix (one thread, ~3 min), 256 held-out images, requests
 0.02 / 0.04 / 0.07 / 0.1 / 0.14 got 29.3 / 25.0 / 17.7 / 12.2 / 7.8 tokens (std 4-12), Spearman with PNG size
 +0.33 .. +0.47, and at 0.07 flat images 6.8 vs cluttered 29.5 tokens; <= 0.01 keeps 32, >= 0.2 keeps 2. Each step
-costs ~5 extra no-gradient passes for the ladder; the fixed-length PSNR-vs-k curve stays flat (a reconstruction
-issue this fix does not address).
+costs ~5 extra no-gradient passes for the ladder.
+
+Reconstruction. With the reference's learned patch positions and halted tokens removed from the decoder, the
+fixed-length PSNR-vs-k curve stayed flat (18.3 -> 19.6 dB from 1 to 32 tokens), so the error hardly depended on the
+length and the halting head had little to predict. One-D-Piece's decoder, which also removes its tail, had the same
+flat curve and the same cure (ablations in `one_d_piece.py`): one learned **sink token always present in the
+decoder** and **fixed sin-cos patch positions**, pinned here as the defaults (`decoder_sink`, `pos_embed`).
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ REFERENCE_BINS = (
 @dataclass
 class KarlConfig(TokenizerConfig):
     quantizer: str = "vq"  # KARL's quantised variant uses VQ (4096 x 12 in the paper)
-    pos_embed: str = "learned"  # patch position embedding
+    pos_embed: str = "sincos"  # fixed 2-D sin-cos patch positions (see "Reconstruction" in the module docstring)
+    decoder_sink: bool = True  # one learned token always in the decoder sequence (idem)
     error_bins: tuple[float, ...] = REFERENCE_BINS  # desired-L1-error bins (ascending), one embedding each
     halt_threshold: float = 0.75  # a token halts (is dropped) when p_halt > this
     halt_hidden: int = 128  # halting MLP hidden size (512 at width 1024 in the paper)
@@ -129,7 +135,7 @@ class Karl(Tokenizer1D):
         )
         self.decoder = PixelDecoder(
             c.image_size, c.patch_size, c.width, c.dec_depth, c.num_heads, c.num_tokens, c.code_dim, c.mlp_ratio,
-            tail="remove",
+            tail="remove", sink=c.decoder_sink,
         )  # fmt: skip
         bins = torch.tensor(c.error_bins)
         self.register_buffer("bins", bins, persistent=False)
