@@ -14,7 +14,7 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
    scenes is logged (`dense_val` in work/log.jsonl): the questions can only be answered from what these tokens hold.
 2. `cache`: the tower and projector are frozen; their outputs for a pool of training scenes are computed once.
 3. `lm`: the language model learns from sequences of one image followed by many question-answer turns (each image's
-   576 tokens are paid for once per ~20 supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
+   visual tokens are paid for once per 20 (Qwen2-VL, 144 tokens) or up to 40 (LLaVA, 576) supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
    position (2-D RoPE only), an auxiliary head reads each visual token's row and column from the LM's first layer,
    so the LM learns where its tokens are; the head is discarded. Two kinds of supervision route that information:
    a grounding loss makes head 0 of every layer >= 1 attend, from the row that predicts an answer, to the objects the
@@ -66,7 +66,7 @@ ATTRS = ("colour", "shape", "letter", "centre")  # the per-cell label maps, in t
 # The measured one-run recipes (README): `None` fields of TrainConfig take their family's value. LLaVA pays for 576
 # visual tokens per sequence (Qwen2-VL: 144), so it asks more questions per image and takes fewer, larger steps.
 FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
-    "llava": {"dense_steps": 1200, "lm_steps": 4500, "lm_batch": 6, "qa_per_image": 40},
+    "llava": {"dense_steps": 2000, "lm_steps": 4500, "lm_batch": 6, "qa_per_image": 40},
     "qwen2_vl": {"dense_steps": 1000, "lm_steps": 6000, "lm_batch": 8, "qa_per_image": 20},
 }
 
