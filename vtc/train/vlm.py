@@ -14,8 +14,9 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
    scenes is logged (`dense_val` in work/log.jsonl): the questions can only be answered from what these tokens hold.
 2. `cache`: the tower and projector are frozen; their outputs for a pool of training scenes are computed once.
 3. `lm`: the language model learns from sequences of one image followed by many question-answer turns (each image's
-   visual tokens are paid for once per 20 (Qwen2-VL, 144 tokens) or up to 40 (LLaVA, 576) supervised answers). For Qwen2-VL, whose vision tokens carry no absolute
-   position (2-D RoPE only), an auxiliary head reads each visual token's row and column from the LM's first layer,
+   visual tokens are paid for once per 20 (Qwen2-VL, 144 tokens) or up to 40 (LLaVA, 576) supervised answers).
+   For Qwen2-VL, whose vision tokens carry no absolute position (2-D RoPE only), an auxiliary head reads each visual
+   token's row and column from the LM's first layer,
    so the LM learns where its tokens are; the head is discarded. Two kinds of supervision route that information:
    a grounding loss makes head 0 of every layer >= 1 attend, from the row that predicts an answer, to the objects the
    question is about (spatial questions: head 0 on object A, head 1 on object B), and a linear read-out must recover
