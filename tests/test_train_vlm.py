@@ -233,3 +233,17 @@ def test_family_defaults_fill_only_unset_fields():
     assert (cfg.lm_batch, cfg.lm_steps) == (3, vlm.FAMILY_DEFAULTS["qwen2_vl"]["lm_steps"])
     with pytest.raises(ValueError, match="unknown tiny VLM family 'blip'"):
         vlm.TrainConfig(family="blip")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_rope_theta_reaches_the_language_model(family):
+    tok = vlm.build_tokenizer()
+    base = vlm.build_model(family, len(tok), image_size=32)
+    big = vlm.build_model(family, len(tok), image_size=32, rope_theta=1e6)
+    assert base.config.text_config.rope_parameters["rope_theta"] == 10000.0
+    assert big.config.text_config.rope_parameters["rope_theta"] == 1e6
+    if family == "qwen2_vl":
+        assert big.config.text_config.rope_parameters["mrope_section"] == [4, 6, 6]
+    inv = {n: b for n, b in big.named_buffers() if "language_model" in n and n.endswith("inv_freq")}
+    inv0 = {n: b for n, b in base.named_buffers() if "language_model" in n and n.endswith("inv_freq")}
+    assert inv and all(float(inv[n][-1]) < float(inv0[n][-1]) for n in inv)  # a larger base: slower rotations

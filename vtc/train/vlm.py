@@ -93,6 +93,7 @@ class TrainConfig:
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
+    rope_theta: float = 10000.0  # the LM's RoPE base (both shipped models: 10 000; see the README's LLaVA trial)
 
     def __post_init__(self) -> None:
         check_family(self.family)
@@ -129,10 +130,12 @@ def text_config_kwargs(vocab_size: int) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE):
-    """The tiny architecture of each family (random weights); `image_size` only matters for LLaVA's CLIP."""
+def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE, rope_theta: float = 10000.0):
+    """The tiny architecture of each family (random weights); `image_size` only matters for LLaVA's CLIP,
+    `rope_theta` is the language model's RoPE base."""
     check_family(family)
     text = text_config_kwargs(vocab_size)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": float(rope_theta)}
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -147,7 +150,7 @@ def build_model(family: str, vocab_size: int, image_size: int = IMAGE_SIZE):
         return LlavaForConditionalGeneration(cfg)
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    text["rope_parameters"]["mrope_section"] = [4, 6, 6]
     vision = dict(depth=3, embed_dim=96, hidden_size=128, num_heads=4, mlp_ratio=4, patch_size=8,
                   spatial_merge_size=2, temporal_patch_size=2)  # fmt: skip
     cfg = Qwen2VLConfig(
@@ -556,7 +559,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     tok = build_tokenizer()
     processor = build_processor(cfg.family, tok)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.family, len(tok))
+    model = build_model(cfg.family, len(tok), rope_theta=cfg.rope_theta)
     grid = grid_of(cfg.family)
     dim = model.config.text_config.hidden_size
     heads = DenseHeads(dim)
@@ -776,7 +779,7 @@ def export_checkpoint(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     if not ckpt.exists():
         raise FileNotFoundError(f"no checkpoint at {ckpt}; train first: vtc train vlm {cfg.family} --out {out}")
     tok = build_tokenizer()
-    model = build_model(cfg.family, len(tok))
+    model = build_model(cfg.family, len(tok), rope_theta=cfg.rope_theta)
     dim = model.config.text_config.hidden_size
     meta = load_state(ckpt, {"model": model, "heads": DenseHeads(dim), "aux": nn.Linear(dim, 2)}, None)
     log(f"exporting {meta}")
