@@ -228,9 +228,11 @@ def test_family_defaults_fill_only_unset_fields():
     sub = argparse.ArgumentParser().add_subparsers()
     vlm.add_parser(sub)
     parser = sub.choices["vlm"]
+    assert parser.parse_args(["llava", "--out", "x", "--rope-theta", "5e5"]).rope_theta == 5e5
     args = parser.parse_args(["qwen2_vl", "--out", "x", "--lm-batch", "3"])
     cfg = vlm.config_from_args(vlm.TrainConfig, args)
     assert (cfg.lm_batch, cfg.lm_steps) == (3, vlm.FAMILY_DEFAULTS["qwen2_vl"]["lm_steps"])
+    assert cfg.rope_theta == 10000.0 and vlm.TrainConfig(family="llava").rope_theta == 1e6
     with pytest.raises(ValueError, match="unknown tiny VLM family 'blip'"):
         vlm.TrainConfig(family="blip")
 

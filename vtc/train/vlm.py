@@ -65,11 +65,13 @@ ATTRS = ("colour", "shape", "letter", "centre")  # the per-cell label maps, in t
 
 
 # One-run recipes: `None` fields of TrainConfig take their family's value. Qwen2-VL's trained the shipped model in one
-# run; LLaVA's is still on trial (README: its 2 000 dense steps suffice, its LLM stage stalled near 0.65 by step
-# 4 000). LLaVA pays for 576 visual tokens per sequence (Qwen2-VL: 144), so it asks more questions per image.
-FAMILY_DEFAULTS: dict[str, dict[str, int]] = {
-    "llava": {"dense_steps": 2000, "lm_steps": 4500, "lm_batch": 6, "qa_per_image": 40},
-    "qwen2_vl": {"dense_steps": 1000, "lm_steps": 6000, "lm_batch": 8, "qa_per_image": 20},
+# run; LLaVA's is still on trial (README: its 2 000 dense steps suffice; its LLM stage stalled near 0.65 by step
+# 4 000 with RoPE base 10 000 and reached 0.74 by step 1 500 with 1e6: with 1-D RoPE its questions sit 600-900
+# positions after the image tokens). LLaVA pays for 576 visual tokens per sequence (Qwen2-VL: 144), so it asks
+# more questions per image.
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "llava": {"dense_steps": 2000, "lm_steps": 4500, "lm_batch": 6, "qa_per_image": 40, "rope_theta": 1e6},
+    "qwen2_vl": {"dense_steps": 1000, "lm_steps": 6000, "lm_batch": 8, "qa_per_image": 20, "rope_theta": 10000.0},
 }
 
 
@@ -93,7 +95,7 @@ class TrainConfig:
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
-    rope_theta: float = 10000.0  # the LM's RoPE base (both shipped models: 10 000; see the README's LLaVA trial)
+    rope_theta: float | None = None  # the LM's RoPE base (both shipped models: 10 000; LLaVA's trial: 1e6, README)
 
     def __post_init__(self) -> None:
         check_family(self.family)
@@ -819,7 +821,8 @@ def add_config_args(p: argparse.ArgumentParser, cfg_cls: type, skip: str) -> Non
         if f.name != skip:
             v = f.default
             per = " (default: per family, FAMILY_DEFAULTS)" if v is None else ""
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=int if v is None else type(v), default=v, help=per)
+            kind = (float if "float" in str(f.type) else int) if v is None else type(v)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=v, help=per)
 
 
 def config_from_args(cfg_cls: type, args: argparse.Namespace) -> Any:
