@@ -171,6 +171,23 @@ def test_smoke_run_resumes_and_exports(tmp_path):
     assert [r for r in log2 if r["stage"] in ("dense", "lm")] == [r for r in log if r["stage"] in ("dense", "lm")]
     vlm.export_checkpoint(cfg, out, log=lambda *_: None)
     assert (out / "model.safetensors").read_bytes() == before
+    # the checkpoint records its RoPE base: resuming or exporting it with another one is refused
+    other = vlm.TrainConfig(**{**vars(cfg), "rope_theta": 1e6})
+    with pytest.raises(ValueError, match="trained with rope_theta=10000, but this run asks for 1e"):
+        vlm.train_vlm(other, out, log=lambda *_: None)
+    with pytest.raises(ValueError, match="pass --rope-theta 10000"):
+        vlm.export_checkpoint(other, out, log=lambda *_: None)
+
+
+def test_checkpoints_without_a_recorded_rope_base_had_10000(tmp_path):
+    tok = vlm.build_tokenizer()
+    model = vlm.build_model("llava", len(tok))
+    (tmp_path / "work").mkdir()
+    vlm.save_state(tmp_path / "work" / "state.safetensors", {"model": model}, None, {"stage": "lm", "step": 1})
+    with pytest.raises(ValueError, match="rope_theta=10000"):  # LLaVA's family default is now 1e6
+        vlm.export_checkpoint(vlm.TrainConfig(family="llava"), tmp_path, log=lambda *_: None)
+    vlm.export_checkpoint(vlm.TrainConfig(family="llava", rope_theta=10000.0), tmp_path, log=lambda *_: None)
+    assert (tmp_path / "model.safetensors").exists()
 
 
 def test_spatial_questions_ground_each_object_on_its_own_head():

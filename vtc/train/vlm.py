@@ -273,6 +273,19 @@ def load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optim
     return meta
 
 
+ROPE_BEFORE_OPTION = 10000.0  # the RoPE base of every checkpoint written before `rope_theta` was recorded
+
+
+def check_rope_theta(meta: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    """A run resumes or exports with the RoPE base it was trained with (the weights do not say which it was)."""
+    saved = float(meta.get("rope_theta", ROPE_BEFORE_OPTION))
+    if saved != cfg.rope_theta:
+        raise ValueError(
+            f"{ckpt} was trained with rope_theta={saved:g}, but this run asks for {cfg.rope_theta:g}; "
+            f"pass --rope-theta {saved:g} to resume or export it"
+        )
+
+
 def grid_positions(grid: int) -> Tensor:
     """[G*G, 2] (row, column) of every cell of a `grid` x `grid` raster, scaled to [0, 1]."""
     rows = torch.arange(grid).repeat_interleave(grid).float() / (grid - 1)
@@ -604,6 +617,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     meta = {"stage": "dense", "step": 0}
     if ckpt.exists():
         meta = load_state(ckpt, modules, None)
+        check_rope_theta(meta, cfg, ckpt)
         log(f"resuming at {meta}")
 
     def held_accuracy() -> dict[str, float]:
@@ -637,7 +651,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 log(f"dense {step}/{cfg.dense_steps} loss {float(loss.detach()):.3f} {parts} {time.time() - t0:.0f}s")
                 record(stage="dense", step=step, loss=float(loss.detach()), **parts)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.dense_steps:
-                save_state(ckpt, modules, opt1, {"stage": "dense", "step": step + 1})
+                save_state(ckpt, modules, opt1, {"stage": "dense", "step": step + 1, "rope_theta": cfg.rope_theta})
             if (step + 1) % 100 == 0 or step + 1 == cfg.dense_steps:
                 acc = held_accuracy()  # per-attribute accuracy on held-out benchmark scenes
                 log(f"dense {step + 1} held-out {acc}")
@@ -647,7 +661,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             sample = image_features(model, pixel_inputs(processor, list(images[:256]), cfg.family), cfg.family)
         standardize_projector(model, cfg.family, sample)
-        meta = {"stage": "cache", "step": 0}
+        meta = {"stage": "cache", "step": 0, "rope_theta": cfg.rope_theta}
         save_state(ckpt, modules, None, meta)
     del opt1
 
@@ -748,7 +762,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
             record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
-            save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1})
+            save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1, "rope_theta": cfg.rope_theta})
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
             acc = quick_val(model, processor, cfg, tok)
             log(f"val {step + 1}: {acc}")
@@ -784,6 +798,7 @@ def export_checkpoint(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     model = build_model(cfg.family, len(tok), rope_theta=cfg.rope_theta)
     dim = model.config.text_config.hidden_size
     meta = load_state(ckpt, {"model": model, "heads": DenseHeads(dim), "aux": nn.Linear(dim, 2)}, None)
+    check_rope_theta(meta, cfg, ckpt)
     log(f"exporting {meta}")
     return save_model(model, build_processor(cfg.family, tok), cfg, out, log)
 
@@ -821,7 +836,7 @@ def add_config_args(p: argparse.ArgumentParser, cfg_cls: type, skip: str) -> Non
         if f.name != skip:
             v = f.default
             per = " (default: per family, FAMILY_DEFAULTS)" if v is None else ""
-            kind = (float if "float" in str(f.type) else int) if v is None else type(v)
+            kind = type(FAMILY_DEFAULTS[FAMILIES[0]][f.name]) if v is None else type(v)
             p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=v, help=per)
 
 
