@@ -266,3 +266,10 @@ def test_rope_theta_reaches_the_language_model(family):
     inv = {n: b for n, b in big.named_buffers() if "language_model" in n and n.endswith("inv_freq")}
     inv0 = {n: b for n, b in base.named_buffers() if "language_model" in n and n.endswith("inv_freq")}
     assert inv and all(float(inv[n][-1]) < float(inv0[n][-1]) for n in inv)  # a larger base: slower rotations
+
+
+@pytest.mark.parametrize(("device", "match"), [("tpu9", "not a torch device"), ("meta", "runs on cpu or cuda")])
+def test_bad_training_device_is_named(tmp_path, device, match):
+    cfg = vlm.TrainConfig(family="qwen2_vl", device=device)
+    with pytest.raises(ValueError, match=f"device='{device}'.*{match}"):
+        vlm.train_vlm(cfg, tmp_path, log=lambda *_: None)

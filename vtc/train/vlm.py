@@ -96,6 +96,7 @@ class TrainConfig:
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
     rope_theta: float | None = None  # the LM's RoPE base (both shipped models: 10 000; LLaVA's trial: 1e6, README)
+    device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there as on the CPU); checkpoints resume on either
 
     def __post_init__(self) -> None:
         check_family(self.family)
@@ -227,9 +228,10 @@ def pixel_inputs(processor, images: list[np.ndarray], family: str) -> dict[str, 
 
 
 def image_features(model, pix: dict[str, Tensor], family: str) -> Tensor:
-    """Projected visual tokens [B, N, D] (N = 576 for LLaVA, 144 for Qwen2-VL at 192 px)."""
+    """Projected visual tokens [B, N, D] (N = 576 for LLaVA, 144 for Qwen2-VL at 192 px), on the model's device."""
     inner = model.model
-    out = inner.get_image_features(**pix)
+    dev = model.lm_head.weight.device
+    out = inner.get_image_features(**{k: v.to(dev) for k, v in pix.items()})
     return torch.stack(list(out.pooler_output))
 
 
@@ -240,13 +242,13 @@ def save_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optim
     tensors: dict[str, Tensor] = {}
     for name, mod in modules.items():
         for k, v in mod.state_dict().items():
-            tensors[f"{name}.{k}"] = v.detach().contiguous()
+            tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
     if opt is not None:
         for gi, group in enumerate(opt.param_groups):
             for pi, p in enumerate(group["params"]):
                 for k, v in opt.state.get(p, {}).items():
                     if torch.is_tensor(v):
-                        tensors[f"opt.{gi}.{pi}.{k}"] = v.detach().reshape(v.shape).contiguous().clone()
+                        tensors[f"opt.{gi}.{pi}.{k}"] = v.detach().reshape(v.shape).contiguous().cpu().clone()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta)})
     os.replace(tmp, path)
@@ -268,6 +270,8 @@ def load_state(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optim
         for gi, group in enumerate(opt.param_groups):
             for pi, p in enumerate(group["params"]):
                 st = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"opt.{gi}.{pi}.")}
+                # moments live on the parameter's device; AdamW keeps its step count on the CPU
+                st = {k: v if k == "step" else v.to(p.device) for k, v in st.items()}
                 if st:
                     opt.state[p] = st
     return meta
@@ -436,7 +440,7 @@ def lm_forward(
     kwargs: dict[str, Any] = {} if position_ids is None else {"position_ids": position_ids}
     if family == "qwen2_vl":
         b = ids.shape[0]
-        thw = torch.tensor([[1, 2 * grid, 2 * grid]] * b)
+        thw = torch.tensor([[1, 2 * grid, 2 * grid]] * b, device=ids.device)
         pos, _ = inner.get_rope_index(ids, mm_token_type_ids=img.int(), image_grid_thw=thw, attention_mask=mask)
         kwargs["position_ids"] = pos
     out = inner.language_model(
@@ -496,6 +500,7 @@ def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[l
     n_h = max((len(ph) for ts in targets for ph in ts), default=0)
     if n_r == 0 or n_h == 0:
         return torch.zeros(())
+    dev = q0.device
     row_t = torch.zeros(n_b, n_r, dtype=torch.long)  # [B, R]
     want = torch.zeros(n_b, n_h, n_r, n_len, dtype=torch.bool)  # [B, H, R, L] target columns
     for b, (rs, ts) in enumerate(zip(rows, targets, strict=True)):
@@ -507,14 +512,15 @@ def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[l
     if not used.any():
         return torch.zeros(())
     want |= ~used[..., None]  # unused (padding) entries sum over every column: finite, so no NaN gradient
-    future = torch.arange(n_len)[None, None, :] > row_t[..., None]  # [B, R, L] causal: keys after the row
-    b_i = torch.arange(n_b)[:, None, None]
-    h_i = torch.arange(n_h)[None, :, None]
+    row_t, want, used = row_t.to(dev), want.to(dev), used.to(dev)  # filled on the CPU (Python loops), used on `dev`
+    future = torch.arange(n_len, device=dev)[None, None, :] > row_t[..., None]  # [B, R, L] causal: keys after the row
+    b_i = torch.arange(n_b, device=dev)[:, None, None]
+    h_i = torch.arange(n_h, device=dev)[None, :, None]
     losses = []
     for q, k, scale in store.values():
         groups = q.shape[1] // k.shape[1]
         qr = q[b_i, h_i, row_t[:, None, :]].float()  # [B, H, R, d]
-        kh = k[:, torch.arange(n_h) // groups].float()  # [B, H, L, d]
+        kh = k[:, torch.arange(n_h, device=dev) // groups].float()  # [B, H, L, d]
         logits = (qr @ kh.transpose(-1, -2)) * scale  # [B, H, R, L]
         logp = logits.masked_fill(future[:, None], float("-inf")).log_softmax(-1)
         mass = logp.masked_fill(~want, float("-inf")).logsumexp(-1)  # [B, H, R]
@@ -565,8 +571,27 @@ def count_target(scene: S.Scene, question: str) -> float | None:
 
 
 # ---------------------------------------------------------------------- the run
+def training_device(device: str) -> torch.device:
+    """The torch device of `TrainConfig.device`, checked."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a torch device; pass cpu or cuda (cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; pass --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: training runs on cpu or cuda")
+    return dev
+
+
+def bf16(dev: torch.device):
+    """bfloat16 autocast on `dev`'s kind of device (the mixed precision of every stage, CPU and GPU alike)."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16)
+
+
 def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     check_family(cfg.family)
+    dev = training_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     out = Path(out)
     work = out / "work"  # resumable state, not shipped
@@ -577,10 +602,11 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     model = build_model(cfg.family, len(tok), rope_theta=cfg.rope_theta)
     grid = grid_of(cfg.family)
     dim = model.config.text_config.hidden_size
-    heads = DenseHeads(dim)
-    aux = nn.Linear(dim, 2)
-    rel = nn.Linear(dim, 2)  # spatial read-out (training only)
-    cnt = nn.Linear(dim, 1)  # count read-out (training only)
+    model.to(dev)
+    heads = DenseHeads(dim).to(dev)
+    aux = nn.Linear(dim, 2).to(dev)
+    rel = nn.Linear(dim, 2).to(dev)  # spatial read-out (training only)
+    cnt = nn.Linear(dim, 1).to(dev)  # count read-out (training only)
     logf = open(work / "log.jsonl", "a")
 
     def record(**kw):
@@ -622,10 +648,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
 
     def held_accuracy() -> dict[str, float]:
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), bf16(dev):
             f = image_features(model, pixel_inputs(processor, list(images[held]), cfg.family), cfg.family)
         model.train()
-        return heads.accuracy(f, torch.from_numpy(labels[held]))
+        return heads.accuracy(f, torch.from_numpy(labels[held]).to(dev))
 
     if meta["stage"] == "dense":
         if meta["step"] > 0:
@@ -638,10 +664,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             pix = pixel_inputs(processor, list(d_images[idx]), cfg.family)
             for g in opt1.param_groups:
                 g["lr"] = lr_at(step, cfg.dense_steps, cfg.dense_lr, warmup=50)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with bf16(dev):
                 feats = image_features(model, pix, cfg.family)
                 loss, parts = heads.loss(
-                    feats, torch.from_numpy(d_labels[idx]), grid, cfg.family == "llava", cfg.dense_fg_weight
+                    feats, torch.from_numpy(d_labels[idx]).to(dev), grid, cfg.family == "llava", cfg.dense_fg_weight
                 )
             opt1.zero_grad(set_to_none=True)
             loss.backward()
@@ -658,7 +684,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 record(stage="dense_val", step=step + 1, **acc)
         del d_images, d_labels
         model.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), bf16(dev):
             sample = image_features(model, pixel_inputs(processor, list(images[:256]), cfg.family), cfg.family)
         standardize_projector(model, cfg.family, sample)
         meta = {"stage": "cache", "step": 0, "rope_theta": cfg.rope_theta}
@@ -678,10 +704,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     else:
         t0 = time.time()
         chunks = []
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), bf16(dev):
             for i in range(0, cfg.pool, 64):
                 pix = pixel_inputs(processor, list(images[i : i + 64]), cfg.family)
-                chunks.append(image_features(model, pix, cfg.family).to(torch.bfloat16))
+                chunks.append(image_features(model, pix, cfg.family).to(torch.bfloat16).cpu())
         feats_all = torch.cat(chunks)
         from safetensors.torch import save_file
 
@@ -728,29 +754,29 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             if cfg.attn_sup > 0:
                 omap = scene.object_map(grid)
                 targets.append([target_columns(scene, q, grid, offset, omap) for q, _ in turns])
-        ids, lab, mask = pad_batch(batch)
+        ids, lab, mask = (t.to(dev) for t in pad_batch(batch))
         for g in opt3.param_groups:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         capture.store.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16), capture if cfg.attn_sup > 0 else contextlib.nullcontext():
-            logits, (hid, hid_rel) = lm_forward(model, cfg.family, ids, mask, feats_all[idx], grid, (1, 3))
+        with bf16(dev), capture if cfg.attn_sup > 0 else contextlib.nullcontext():
+            logits, (hid, hid_rel) = lm_forward(model, cfg.family, ids, mask, feats_all[idx].to(dev), grid, (1, 3))
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
             ground = grounding_loss(capture.store, rows, targets) if cfg.attn_sup > 0 else torch.zeros(())
             aux_loss = torch.zeros(())
             if use_aux:
                 vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
-                target = grid_positions(grid).expand(len(batch), -1, -1)
+                target = grid_positions(grid).to(dev).expand(len(batch), -1, -1)
                 aux_loss = 20 * nn.functional.mse_loss(aux(vis).float(), target)
             rel_loss = torch.zeros(())
             if cfg.rel_sup > 0 and rel_at:  # the answer row must hold where A is relative to B
-                at = torch.tensor(rel_at)
+                at = torch.tensor(rel_at, device=dev)
                 pred = rel(hid_rel[at[:, 0], at[:, 1]]).float()
-                rel_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(rel_y, dtype=torch.float32))
+                rel_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(rel_y, dtype=torch.float32, device=dev))
             cnt_loss = torch.zeros(())
             if cfg.count_sup > 0 and cnt_at:  # ... and how many objects the question counts
-                at = torch.tensor(cnt_at)
+                at = torch.tensor(cnt_at, device=dev)
                 pred = cnt(hid_rel[at[:, 0], at[:, 1]]).float()[:, 0]
-                cnt_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(cnt_y, dtype=torch.float32))
+                cnt_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(cnt_y, dtype=torch.float32, device=dev))
         opt3.zero_grad(set_to_none=True)
         (loss + aux_loss + cfg.attn_sup * ground + cfg.rel_sup * rel_loss + cfg.count_sup * cnt_loss).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
@@ -809,16 +835,17 @@ def quick_val(model, processor, cfg: TrainConfig, tok) -> dict[str, float]:
     model.eval()
     bench = S.ShapesBenchmark(split="val", per_type=cfg.val_per_type)
     grid = grid_of(cfg.family)
+    dev = model.lm_head.weight.device
     hits: dict[str, list[bool]] = {}
     for i in range(0, len(bench), 32):
         samples = [bench[j] for j in range(i, min(i + 32, len(bench)))]
         pix = pixel_inputs(processor, [np.asarray(s.images[0]) for s in samples], cfg.family)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16(dev):
             feats = image_features(model, pix, cfg.family)
         prefix = image_prefix(cfg.family, feats.shape[1])
         seqs = [build_sequence(prefix, [(s.question, s.answer)], tok) for s in samples]
-        ids, lab, mask = pad_batch(seqs)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, lab, mask = (t.to(dev) for t in pad_batch(seqs))
+        with bf16(dev):
             logits, _ = lm_forward(model, cfg.family, ids, mask, feats, grid, None)
         pred = logits[:, :-1].argmax(-1)
         ok = ((pred == lab[:, 1:]) | (lab[:, 1:] == -100)).all(1)
