@@ -60,7 +60,7 @@ from vtc.eval.flops import last_prefill_tokens, prefill_flops, stock_visual_toke
 import vtc
 
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-KEY_FIELDS = ("family", "size", "method", "budget", "device", "dtype", "text_tokens")
+KEY_FIELDS = ("family", "size", "method", "budget", "device", "dtype", "text_tokens", "batch")
 FIELDS = KEY_FIELDS + (
     "visual_in",
     "visual_kept",
@@ -226,8 +226,11 @@ def build_model(family: str, size: str, device: torch.device, dtype: torch.dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
-def make_inputs(model: nn.Module, family: str, text_tokens: int, seed: int = 0) -> tuple[dict[str, Any], Any]:
-    """One prompt with one image (see the module docstring) and the `images` argument of `prefill_flops`."""
+def make_inputs(
+    model: nn.Module, family: str, text_tokens: int, seed: int = 0, batch: int = 1
+) -> tuple[dict[str, Any], Any]:
+    """`batch` copies of one prompt with one image (see the module docstring) and the `images` argument of
+    `prefill_flops` for one of them."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.get_text_config().vocab_size
@@ -257,6 +260,10 @@ def make_inputs(model: nn.Module, family: str, text_tokens: int, seed: int = 0) 
         }
         inputs["mm_token_type_ids"] = (inputs["input_ids"] == IMAGE).int()
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if batch > 1:  # every row the same prompt and image: Qwen's flat patches and grids are concatenated per image
+        cat = ("pixel_values", "image_grid_thw") if family in ("qwen2_vl", "qwen2_5_vl") else ()
+        inputs = {k: torch.cat([v] * batch) if k in cat else v.repeat(batch, *[1] * (v.dim() - 1))
+                  for k, v in inputs.items()}  # fmt: skip
     return inputs, images
 
 
@@ -355,16 +362,15 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     results_csv.append_row(path, row, FIELDS)
 
 
+GROUP = ("family", "size", "device", "dtype", "text_tokens", "batch")  # rows compared with one full row
+
+
 def derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows with `speedup`, `flops_ratio` and `lat_per_flops` against the full row of their group (NaN if none)."""
-    full = {
-        tuple(str(r[k]) for k in ("family", "size", "device", "dtype", "text_tokens")): r
-        for r in rows
-        if r["method"] == "none"
-    }
+    full = {tuple(str(r[k]) for k in GROUP): r for r in rows if r["method"] == "none"}
     out = []
     for r in rows:
-        f = full.get(tuple(str(r[k]) for k in ("family", "size", "device", "dtype", "text_tokens")))
+        f = full.get(tuple(str(r[k]) for k in GROUP))
         lat, fl = _num(r["median_ms"]), _num(r["gflops"])
         speed = ratio = rel = math.nan
         if f is not None:
@@ -378,7 +384,7 @@ def derived(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table: per family and size, the full row first, then methods and budgets."""
     head = (
-        "| family | size | method | budget | visual in → kept | seq | latency ms | IQR | select ms | speed-up "
+        "| family | size | B | method | budget | visual in → kept | seq | latency ms | IQR | select ms | speed-up "
         "| GFLOPs | FLOPs ratio | lat/FLOPs |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -394,6 +400,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             size.get(r["size"], 99),
             r["family"],
             r["size"],
+            int(_num(r["batch"])),
             r["method"] != "none",
             r["method"],
             -b if not math.isnan(b) else 0,
@@ -405,7 +412,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
     for r in sorted(derived(rows), key=order):
         lines.append(
-            f"| {r['family']} | {r['size']} | {r['method']} | {r['budget']} | {r['visual_in']} → "
+            f"| {r['family']} | {r['size']} | {r['batch']} | {r['method']} | {r['budget']} | {r['visual_in']} → "
             f"{fmt(r['visual_kept'], '.0f')} | {r['seq_len']} | {fmt(r['median_ms'], '.1f')} | "
             f"{fmt(r['iqr_ms'], '.1f')} | {fmt(r['select_ms'], '.1f')} | {fmt(r['speedup'], '.2f', '×')} | "
             f"{fmt(r['gflops'], '.2f')} | {fmt(r['flops_ratio'], '.3f')} | {fmt(r['lat_per_flops'], '.2f')} |"
@@ -437,7 +444,7 @@ def measure(
     if method == "none":
         times, _ = time_call(run, device, args.warmup, args.repeats, args.max_seconds)
         vis = stock_visual_tokens(model, images)
-        text, visual = ids.shape[1] - vis, [vis] * model.config.get_text_config().num_hidden_layers
+        schedule = [(ids.shape[1] - vis, [vis] * model.config.get_text_config().num_hidden_layers)] * ids.shape[0]
     else:
         with vtc.compressed(model, method, budget=budget):
             with SelectTimer(model, device) as timer:
@@ -447,8 +454,12 @@ def measure(
                 else:
                     times, _ = time_call(timer.wrap(run), device, args.warmup, args.repeats, args.max_seconds)
                 select = timer.calls[-len(times) :] if device.type != "cuda" else timer.calls
-            ((text, visual),) = last_prefill_tokens(model, ids, inputs["attention_mask"])
-    f = prefill_flops(model, text, visual, images=images)
+            schedule = last_prefill_tokens(model, ids, inputs["attention_mask"])
+    # per row: a method may keep different tokens (so different counts, e.g. of AnyRes newlines) in each copy
+    per_row = [prefill_flops(model, text, visual, images=images) for text, visual in schedule]
+    f = {k: sum(r[k] for r in per_row) for k in ("total", "vision", "projector", "llm")}
+    f["visual_effective"] = statistics.mean(r["visual_effective"] for r in per_row)
+    f["seq_per_layer"] = [max(r["seq_per_layer"][0] for r in per_row)]
     return dict(
         visual_in=stock_visual_tokens(model, images),
         visual_kept=f"{f['visual_effective']:.2f}",
@@ -479,6 +490,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default="random,fastv,divprune", help="comma-separated reducer names")
     p.add_argument("--budgets", default="192,128,64,32", help="visual tokens kept per image; full always runs")
     p.add_argument("--text-tokens", type=int, default=40, help="random text tokens after the image")
+    p.add_argument("--batch", type=int, default=1, help="prompts per prefill (copies of the one prompt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16; auto: float32 on CPU, float16 on CUDA")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per row (median reported)")
@@ -511,8 +523,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.methods if m not in vtc.list_reducers()]
     if unknown:
         p.error(f"unknown method(s) {unknown}; registered: {', '.join(vtc.list_reducers())}")
-    if any(b < 1 for b in args.budgets) or args.repeats < 1 or args.warmup < 0 or args.text_tokens < 1:
-        p.error("--budgets must be >= 1, --repeats >= 1, --warmup >= 0, --text-tokens >= 1")
+    if any(b < 1 for b in args.budgets) or min(args.repeats, args.text_tokens, args.batch) < 1 or args.warmup < 0:
+        p.error("--budgets must be >= 1, --repeats >= 1, --warmup >= 0, --text-tokens >= 1, --batch >= 1")
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for but CUDA is not available")
@@ -548,7 +560,8 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     dev = args.device
     note = (
-        f"Adapter prefill (`python -m vtc.eval.bench_adapters`): random-weight models, B = 1, one image, "
+        f"Adapter prefill (`python -m vtc.eval.bench_adapters`): random-weight models, B = {args.batch} "
+        "(copies of one prompt), one image each, "
         f"{args.text_tokens} text tokens, {dev} {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} CPU thread(s); median of up to {args.repeats} prefills after {args.warmup} "
         "warm-up. FLOPs: analytic (`vtc.eval.flops`), causal attention, lm_head on the last position, selection "
@@ -576,6 +589,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             device=str(dev),
             dtype=args.dtype,
             text_tokens=args.text_tokens,
+            batch=args.batch,
         )
         if _key(row) in done:
             continue
@@ -586,7 +600,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 current = (fam, size)
                 try:
                     model = build_model(fam, size, dev, dtype, seed=args.seed)
-                    inputs, images = make_inputs(model, fam, args.text_tokens, seed=args.seed)
+                    inputs, images = make_inputs(model, fam, args.text_tokens, seed=args.seed, batch=args.batch)
                     inputs = _to(inputs, dev, dtype)
                 except Exception as e:
                     broken = f"building the model failed: {type(e).__name__}: {e}"

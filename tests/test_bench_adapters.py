@@ -44,9 +44,9 @@ def test_quick_run_counts_flops_and_resumes_without_duplicates(tmp_path, monkeyp
     lat = float(rand["median_ms"]) / float(full["median_ms"])
     assert rand["lat_per_flops"] == pytest.approx(lat / rand["flops_ratio"])
     md = (out / "bench.md").read_text()
-    assert "| llava | tiny | none | full | 576 → 576 | 585 |" in md
-    assert "| llava | tiny | random | 32 | 576 → 32 | 41 |" in md
-    assert "| llava | tiny | fastv | 32 |" in capsys.readouterr().out
+    assert "| llava | tiny | 1 | none | full | 576 → 576 | 585 |" in md
+    assert "| llava | tiny | 1 | random | 32 | 576 → 32 | 41 |" in md
+    assert "| llava | tiny | 1 | fastv | 32 |" in capsys.readouterr().out
 
     calls = []  # (a raising stub would be caught as a failed row, so record instead)
     monkeypatch.setattr(bench, "build_model", lambda *a, **k: calls.append("build"))
@@ -62,6 +62,24 @@ def test_quick_run_counts_flops_and_resumes_without_duplicates(tmp_path, monkeyp
     assert [r["method"] for r in rows] == ["random", "fastv"]
     again = _csv(out)
     assert [r["method"] for r in again] == ["none", "random", "fastv"] and again[0] == saved[0]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_a_batch_of_copies_costs_batch_times_one_and_keeps_its_own_full_row(tmp_path, family):
+    args = ["--quick", "--families", family, "--methods", "random", "--budgets", "32", "--text-tokens", "8"]
+    out = tmp_path / "res"
+    one = bench.main([*args, "--out", str(out)])
+    three = bench.main([*args, "--batch", "3", "--out", str(out)])  # same CSV: the batch is part of a row's key
+    assert [r["batch"] for r in one + three] == [1, 1, 3, 3]
+    for a, b in zip(one, three, strict=True):
+        if b["method"] == "none":  # copies of one prompt: three times the work
+            assert float(b["gflops"]) == pytest.approx(3 * float(a["gflops"]), abs=3e-4)  # written to 4 decimals
+            assert (b["seq_len"], b["visual_kept"]) == (a["seq_len"], a["visual_kept"])
+        else:  # random keeps other tokens in each copy: each row's schedule is counted on its own
+            assert float(b["gflops"]) < 3 * float(one[0]["gflops"]) and b["seq_len"] >= a["seq_len"]
+    derived = bench.derived(_csv(out))
+    assert [d["flops_ratio"] for d in derived if d["method"] == "none"] == [1.0, 1.0]
+    assert f"| {family} | tiny | 3 | random | 32 |" in (out / "bench.md").read_text()
 
 
 def test_derived_without_a_full_row_and_bad_options(tmp_path):
