@@ -39,8 +39,8 @@ def test_shipped_model_answers_held_out_questions(name):
         hits.setdefault(s.qtype, []).append(p == s.answer)
     acc = {t: sum(v) / len(v) for t, v in hits.items()}
     # floors below the shipped models' measured test accuracy, far above chance (text: 10 letters, spatial: 4
-    # relations). Here (150 questions) Qwen2-VL scores 0.967, LLaVA 0.893 (its lowest type: shape 0.76); README:
-    # 0.983 and 0.922 on 600.
+    # relations). Here (150 questions) Qwen2-VL scores 0.967, LLaVA 0.967 (its lowest types: existence and spatial
+    # 0.92); README: 0.983 and 0.950 on 600.
     assert acc["text"] >= 0.8 and acc["colour"] >= 0.8 and acc["existence"] >= 0.8, acc
     assert acc["shape"] >= 0.6 and acc["spatial"] >= 0.7 and acc["count"] >= 0.6, acc
     assert sum(sum(v) for v in hits.values()) / len(bench) >= 0.85, acc
