@@ -95,7 +95,7 @@ class TrainConfig:
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
-    rope_theta: float | None = None  # the LM's RoPE base (both shipped models: 10 000; LLaVA's trial: 1e6, README)
+    rope_theta: float | None = None  # the LM's RoPE base (shipped models: Qwen2-VL 10 000, LLaVA 1e6; README)
     device: str = "cpu"  # "cuda" trains on a GPU (bf16 autocast there as on the CPU); checkpoints resume on either
 
     def __post_init__(self) -> None:
