@@ -12,6 +12,7 @@ import torch
 from conftest import make_inputs
 from test_adapter_llava_next import SIZES
 from test_adapter_qwen2_vl import GRIDS
+from test_tokenizers import images, tiny
 from tiny_models import (
     llava_batch,
     llava_next_batch,
@@ -135,7 +136,7 @@ def test_adapter_on_cuda_matches_cpu(models, family, name):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_in_bfloat16_on_cuda(models, family):
-    _, gpu, _, gbatch = models(family)
+    gbatch = models(family)[3]
     m = FAMILIES[family][0](seed=3).to(CUDA, torch.bfloat16)
     b = {k: v.to(torch.bfloat16) if torch.is_floating_point(v) else v for k, v in gbatch.items()}
     for name in _methods(family):
@@ -146,26 +147,19 @@ def test_adapter_in_bfloat16_on_cuda(models, family):
 
 @pytest.mark.parametrize("name", vtc.list_tokenizers())
 def test_tokenizer_on_cuda_matches_cpu(name):
-    from vtc.tokenizers.data import synthetic_images
+    cpu, gpu = tiny(name), tiny(name).to(CUDA)  # the same seed: the same weights
+    x = images(4, 16)
 
-    kw = dict(image_size=16, patch_size=4, width=32, enc_depth=1, dec_depth=1, num_heads=2, num_tokens=8)
-    if name != "flextok":
-        kw["vq_codebook_size"] = 64
-    torch.manual_seed(0)
-    cpu = vtc.create_tokenizer(name, **kw).eval()
-    torch.manual_seed(0)
-    gpu = vtc.create_tokenizer(name, **kw).eval().to(CUDA)
-    x = synthetic_images(4, 16, seed=0)[0]
+    # FlexTok's flow decoder samples noise; the two devices' generators draw different noise from one seed
+    def noise(d) -> dict:
+        return {"generator": torch.Generator(device=d).manual_seed(0)} if name == "flextok" else {}
+
     with torch.no_grad():
         a, b = cpu.encode(x, num_tokens=5), gpu.encode(x.to(CUDA), num_tokens=5)
         assert torch.equal(a.ids, b.ids.cpu())
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ggen = torch.Generator(device=CUDA).manual_seed(0)
-        kw2 = {"generator": gen} if name == "flextok" else {}
-        kw3 = {"generator": ggen} if name == "flextok" else {}
-        da, db = cpu.decode(a, **kw2), gpu.decode(b, **kw3)
+        da, db = cpu.decode(a, **noise("cpu")), gpu.decode(b, **noise(CUDA))
         assert _on(db) and torch.isfinite(db).all()
-        if name != "flextok":  # the flow decoder's noise differs between the two generators
+        if name != "flextok":
             torch.testing.assert_close(db.cpu(), da, atol=1e-4, rtol=1e-4)
         if name == "karl":
             e = gpu.encode(x.to(CUDA), error=0.05)
