@@ -32,7 +32,10 @@ Measures (per tokenizer and set):
   the images that reach it, a constant-length predictor at the same mean length m (every image gets floor(m) or
   ceil(m) tokens of the fixed-length path, ceil(m) for a fraction m - floor(m): its expected fraction reaching e),
   the oracle length (smallest k of the fixed-length path that reaches e, K when none) and the fraction reachable
-  at K, and the mean length per complexity level of the procedural images.
+  at K, and the mean length per complexity level of the procedural images. Then the same comparison on the
+  images for which the request is feasible (some k <= K reaches it): KARL's reach and mean length there, a
+  constant length with that mean, the smallest constant that reaches as often, and KARL's mean length on the
+  infeasible images (where every length fails, so the full-set comparison cannot separate the predictors).
 
 Output (`--out`, default runs/report_tokenizers/): report.md, CSVs (tokenizers, psnr_vs_k, psnr_per_image, rd,
 karl, karl_levels), psnr_vs_k.png, rd.png, recon_row.png (original, then k = 1, 2, 4, ... for a few images),
@@ -150,6 +153,35 @@ def constant_length_reach(reach_by_k: np.ndarray, mean_len: float) -> float:
     f = mean_len - lo
     hi_val = reach_by_k[lo] if lo < k_max else reach_by_k[lo - 1]
     return float((1 - f) * reach_by_k[lo - 1] + f * hi_val)
+
+
+def feasible_comparison(l1_by_k: np.ndarray, lengths: np.ndarray, l1_adaptive: np.ndarray, error: float) -> dict:
+    """KARL against a constant length on the images for which the request is feasible.
+
+    l1_by_k [N, K]: each image's L1 on the fixed-length path with k = 1..K tokens; lengths [N]: the predicted
+    lengths; l1_adaptive [N]: the L1 reached with them. An image is feasible when some k <= K reaches `error`. On
+    the feasible images: the fraction the predictor brings to the error (`reach_feasible`), its mean length there,
+    the expected fraction a constant length with that same mean reaches (floor/ceil mix), and the smallest constant
+    that reaches it as often (None when no k <= K does). Also the predictor's mean length on infeasible images."""
+    ok = l1_by_k <= error  # [N, K]
+    feasible = ok.any(1)  # [N]
+    out: dict[str, Any] = {
+        "feasible_frac": float(feasible.mean()), "n_feasible": int(feasible.sum()), "len_mean_feasible": None,
+        "reach_feasible": None, "const_reach_feasible": None, "const_len_to_match_feasible": None,
+        "len_mean_infeasible": float(lengths[~feasible].mean()) if (~feasible).any() else None,
+    }  # fmt: skip
+    if not feasible.any():
+        return out
+    reach_by_k = ok[feasible].mean(0)  # [K]
+    reach = float((l1_adaptive[feasible] <= error).mean())
+    mean_len = float(lengths[feasible].mean())
+    match = np.flatnonzero(reach_by_k >= reach - 1e-12)
+    out.update(
+        len_mean_feasible=mean_len, reach_feasible=reach,
+        const_reach_feasible=constant_length_reach(reach_by_k, mean_len),
+        const_len_to_match_feasible=int(match[0]) + 1 if len(match) else None,
+    )  # fmt: skip
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- codecs
@@ -692,9 +724,15 @@ TOKENIZER_COLS = ("tokenizer", "method", "path", "tail_dropout", "twin", "image_
                   "bits_per_token", "params", "train_steps")  # fmt: skip
 KARL_COLS = ("tokenizer", "set", "error", "n", "len_mean", "len_std", "len_min", "len_max",
              "len_non_increasing_in_error", "reach_frac", "const_len_reach_frac", "n_reached", "spearman_len_png",
-             "oracle_len_mean", "reach_at_K", "l1_mean", "psnr_mean", "bits_mean")  # fmt: skip
+             "oracle_len_mean", "reach_at_K", "l1_mean", "psnr_mean", "bits_mean", "feasible_frac", "n_feasible",
+             "len_mean_feasible", "reach_feasible", "const_reach_feasible", "const_len_to_match_feasible",
+             "len_mean_infeasible")  # fmt: skip
+KARL_FEASIBLE_COLS = ("tokenizer", "set", "error", "feasible_frac", "n_feasible", "len_mean_feasible",
+                      "reach_feasible", "const_reach_feasible", "const_len_to_match_feasible",
+                      "len_mean_infeasible")  # fmt: skip
 KARL_SPECS = {"error": "g", "reach_frac": ".3f", "const_len_reach_frac": ".3f", "spearman_len_png": ".3f",
-              "reach_at_K": ".3f", "l1_mean": ".4f"}  # fmt: skip
+              "reach_at_K": ".3f", "l1_mean": ".4f", "feasible_frac": ".3f", "reach_feasible": ".3f",
+              "const_reach_feasible": ".3f"}  # fmt: skip
 RD_COLS = ("set", "image_size", "codec", "setting", "bits", "psnr_db")
 RD_MD_COLS = ("set", "codec", "setting", "bits", "psnr_db")
 
@@ -765,6 +803,7 @@ def karl_tables(m: Measured) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
                     "oracle_len_mean": float(oracle.mean()), "reach_at_K": float(reach_by_k[-1]),
                     "l1_mean": float(l1.mean()), "psnr_mean": float(a["karl_psnr"][j].mean()),
                     "bits_mean": float(lens.mean() * e.bits_per_token),
+                    **feasible_comparison(a["l1_all"], lens, l1, err),
                 })  # fmt: skip
         for sname in m.set_names:  # does the mean length fall as the requested error rises? (measured, per set)
             rows = sorted((r for r in mine if r["set"] == sname), key=lambda r: r["error"])
@@ -948,7 +987,19 @@ def _markdown(args, m: Measured, tok_rows, k_rows, rd_rows, karl_rows, level_row
             "mean smallest fixed-length k that reaches it (K when none); `reach_at_K`: fraction reachable with K "
             "tokens; `len_non_increasing_in_error`: whether the mean length never rises with the request.",
             "",
-            md_table(karl_rows, [c for c in KARL_COLS if c not in ("n", "bits_mean")], KARL_SPECS),
+            md_table(karl_rows, [c for c in KARL_COLS[: KARL_COLS.index("bits_mean")] if c != "n"], KARL_SPECS),
+            "",
+            "### On the images for which the request is feasible",
+            "",
+            "An image is feasible for a request when some fixed length k <= K reaches it; on the others no length "
+            "does, KARL's halting head then keeps most tokens (`len_mean_infeasible`, the paper's behaviour: no "
+            "token halts before the error is met) and a constant length fails the same images, which is why "
+            "`const_len_reach_frac` above ties. On the feasible images: `reach_feasible` is the fraction KARL brings "
+            "to the error with `len_mean_feasible` tokens on average, `const_reach_feasible` the fraction a constant "
+            "length with that same mean reaches, `const_len_to_match_feasible` the smallest constant length that "
+            "reaches as many (– when none <= K does).",
+            "",
+            md_table(karl_rows, KARL_FEASIBLE_COLS, KARL_SPECS),
             "",
             "### Mean predicted length per complexity level (procedural) and for photos",
             "",

@@ -145,6 +145,56 @@ def test_prefix_ks_and_constant_length_reach():
         rt.constant_length_reach(reach, 0.5)
 
 
+def _feasible_reference(l1_by_k, lengths, l1_adaptive, error):
+    """The feasible-image comparison with plain loops."""
+    n, k_max = l1_by_k.shape
+    feas = [i for i in range(n) if any(l1_by_k[i, k] <= error for k in range(k_max))]
+    infeas = [i for i in range(n) if i not in feas]
+    if not feas:
+        return len(feas), None, None, None, None
+    reach = sum(l1_adaptive[i] <= error for i in feas) / len(feas)
+    mean = sum(lengths[i] for i in feas) / len(feas)
+    at = [sum(l1_by_k[i, c - 1] <= error for i in feas) / len(feas) for c in range(1, k_max + 1)]
+    lo = int(mean)
+    hi = min(lo + 1, k_max)
+    const = (1 - (mean - lo)) * at[lo - 1] + (mean - lo) * at[hi - 1]
+    match = next((c for c in range(1, k_max + 1) if at[c - 1] >= reach), None)
+    inf_mean = sum(lengths[i] for i in infeas) / len(infeas) if infeas else None
+    return len(feas), reach, const, match, inf_mean
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_feasible_comparison_matches_a_loop(seed):
+    g = np.random.default_rng(seed)
+    n, k_max = 40, 8
+    l1 = np.sort(g.uniform(0.0, 0.3, (n, k_max)), axis=1)[:, ::-1] + g.uniform(0, 0.02, (n, k_max))  # ~falling in k
+    lengths = g.integers(1, k_max + 1, n).astype(np.float64)
+    l1_ad = l1[np.arange(n), lengths.astype(int) - 1]
+    for error in (0.01, 0.05, 0.1, 0.2, 0.5):
+        got = rt.feasible_comparison(l1, lengths, l1_ad, error)
+        n_f, reach, const, match, inf_mean = _feasible_reference(l1, lengths, l1_ad, error)
+        assert got["n_feasible"] == n_f and got["feasible_frac"] == pytest.approx(n_f / n)
+        assert got["reach_feasible"] == (None if reach is None else pytest.approx(reach))
+        assert got["const_reach_feasible"] == (None if const is None else pytest.approx(const))
+        assert got["const_len_to_match_feasible"] == match
+        assert got["len_mean_infeasible"] == (None if inf_mean is None else pytest.approx(inf_mean))
+
+
+def test_feasible_comparison_separates_good_and_bad_predictors():
+    """Image 0 needs 1 token, image 1 needs 4, image 2 never reaches: the oracle lengths (1, 4) reach both feasible
+    images with 2.5 tokens on average, where a constant needs 4; swapped lengths (4, 1) reach one of the two."""
+    l1 = np.array([[0.05, 0.05, 0.05, 0.05], [0.5, 0.4, 0.3, 0.05], [0.9, 0.9, 0.9, 0.9]])
+    error = 0.1
+    good = rt.feasible_comparison(l1, np.array([1.0, 4.0, 4.0]), np.array([0.05, 0.05, 0.9]), error)
+    assert good["reach_feasible"] == 1.0 and good["len_mean_feasible"] == 2.5
+    assert good["const_reach_feasible"] == pytest.approx(0.5) and good["const_len_to_match_feasible"] == 4
+    assert good["len_mean_infeasible"] == 4.0 and good["feasible_frac"] == pytest.approx(2 / 3)
+    bad = rt.feasible_comparison(l1, np.array([4.0, 1.0, 4.0]), np.array([0.05, 0.5, 0.9]), error)
+    assert bad["reach_feasible"] == 0.5 and bad["const_len_to_match_feasible"] == 1
+    none = rt.feasible_comparison(l1, np.array([1.0, 1.0, 1.0]), l1[:, 0], 0.01)
+    assert none["n_feasible"] == 0 and none["reach_feasible"] is None and none["len_mean_infeasible"] == 1.0
+
+
 def test_prefix_identity_check_can_fail():
     """The FlexTok check reports 1.0 for causal registers and less once the registers see later ones."""
     torch.manual_seed(0)
@@ -236,6 +286,13 @@ def test_report_on_tiny_tokenizers(tmp_path, monkeypatch):
     assert float(r0["len_mean"]) == pytest.approx(lens[0].mean(), rel=1e-5)
     assert float(r0["len_std"]) == pytest.approx(lens[0].std(), rel=1e-5, abs=1e-9)
     assert float(r0["reach_frac"]) == pytest.approx((l1[0] <= 0.2).mean())
+    n_f, reach, _, match, _ = _feasible_reference(cached["l1_all"], lens[0], l1[0], 0.2)
+    assert int(r0["n_feasible"]) == n_f
+    if reach is None:
+        assert r0["reach_feasible"] == ""
+    else:
+        assert float(r0["reach_feasible"]) == pytest.approx(reach, rel=1e-5)
+    assert r0["const_len_to_match_feasible"] == ("" if match is None else str(match))
     with torch.no_grad():  # the predicted lengths are those of one encoder pass of the saved model
         k2 = vtc.create_tokenizer("karl", pretrained=d / "karl")
         xp, _ = synthetic_images(2, 16, seed=10_000, start=0, complexity=0)
