@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -171,6 +172,21 @@ def test_smoke_run_resumes_and_exports(tmp_path):
     assert [r for r in log2 if r["stage"] in ("dense", "lm")] == [r for r in log if r["stage"] in ("dense", "lm")]
     vlm.export_checkpoint(cfg, out, log=lambda *_: None)
     assert (out / "model.safetensors").read_bytes() == before
+    # the post-dense state is kept: a new run branched from it repeats the LLM stage bit for bit
+    branch = tmp_path / "branch" / "work"
+    branch.mkdir(parents=True)
+    for f in (out / "work").iterdir():
+        if f.name.startswith("pool_") or f.name == "feats.safetensors":
+            (branch / f.name).symlink_to(f)
+    shutil.copyfile(out / "work" / "after_dense.safetensors", branch / "state.safetensors")
+    vlm.train_vlm(cfg, branch.parent, log=lambda *_: None)
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if k != "time"} for r in rows]
+
+    log3 = [json.loads(x) for x in (branch / "log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in log3} == {"lm", "val"}  # no vision stage again
+    assert untimed(log3) == untimed(r for r in log if r["stage"] in ("lm", "val"))
     # the checkpoint records its RoPE base: resuming or exporting it with another one is refused
     other = vlm.TrainConfig(**{**vars(cfg), "rope_theta": 1e6})
     with pytest.raises(ValueError, match="trained with rope_theta=10000, but this run asks for 1e"):

@@ -689,6 +689,9 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         standardize_projector(model, cfg.family, sample)
         meta = {"stage": "cache", "step": 0, "rope_theta": cfg.rope_theta}
         save_state(ckpt, modules, None, meta)
+        # kept beside the rolling checkpoint: copied over a new work dir's state.safetensors (with the pools and
+        # feats.safetensors), it starts the LLM stage again from here, e.g. to try other LLM-stage settings
+        save_state(work / "after_dense.safetensors", modules, None, meta)
     del opt1
 
     # ---- stage 2: cache frozen visual tokens
