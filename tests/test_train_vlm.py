@@ -57,7 +57,7 @@ def test_grounding_loss_matches_eager_attention(tiny):
     assert rows == [len(prefix) + 5, len(prefix) + 5 + 2 + 6]  # the last question token of each turn
 
 
-def _grounding_loop(store, rows, targets):
+def _grounding_loop(store, rows, targets, spread=False):
     """The obvious per-row, per-head loop: the reference for the batched `grounding_loss`."""
     losses = []
     for q, k, scale in store.values():
@@ -68,11 +68,12 @@ def _grounding_loop(store, rows, targets):
                     if cols:
                         logits = (k[b, head // groups, : r + 1].float() @ q[b, head, r].float()) * scale
                         logp = logits.log_softmax(-1)
-                        losses.append(-torch.logsumexp(logp[cols], 0))
+                        losses.append(-(logp[cols].mean() if spread else torch.logsumexp(logp[cols], 0)))
     return torch.stack(losses).mean()
 
 
-def test_grounding_loss_batched_matches_loop_values_and_gradients():
+@pytest.mark.parametrize("spread", [False, True])
+def test_grounding_loss_batched_matches_loop_values_and_gradients(spread):
     g = torch.Generator().manual_seed(1)
     n_b, n_h, n_kv, n_len, d = 3, 4, 2, 20, 8  # grouped-query heads: 2 query heads per key head
     qk = [(torch.randn(n_b, n_h, n_len, d, generator=g), torch.randn(n_b, n_kv, n_len, d, generator=g), 0.3)
@@ -85,8 +86,8 @@ def test_grounding_loss_batched_matches_loop_values_and_gradients():
     ]
     ref_in = [(q.clone().requires_grad_(), k.clone().requires_grad_(), s) for q, k, s in qk]
     got_in = [(q.clone().requires_grad_(), k.clone().requires_grad_(), s) for q, k, s in qk]
-    ref = _grounding_loop(dict(enumerate(ref_in)), rows, targets)
-    got = vlm.grounding_loss(dict(enumerate(got_in)), rows, targets)
+    ref = _grounding_loop(dict(enumerate(ref_in)), rows, targets, spread)
+    got = vlm.grounding_loss(dict(enumerate(got_in)), rows, targets, spread)
     assert torch.allclose(got, ref, atol=1e-5)
     ref.backward()
     got.backward()
@@ -193,6 +194,56 @@ def test_smoke_run_resumes_and_exports(tmp_path):
         vlm.train_vlm(other, out, log=lambda *_: None)
     with pytest.raises(ValueError, match="pass --rope-theta 10000"):
         vlm.export_checkpoint(other, out, log=lambda *_: None)
+
+
+def test_question_spans_cover_each_question(tiny):
+    _, tok = tiny
+    prefix = vlm.image_prefix("llava", 16)
+    turns = [("what colour is the circle ?", "red"), ("is there a blue cross ?", "no")]
+    rows: list[int] = []
+    starts: list[int] = []
+    ids, labels = vlm.build_sequence(prefix, turns, tok, rows, starts)
+    for (q, _), a, r in zip(turns, starts, rows, strict=True):
+        assert tok.decode(ids[a : r + 1]) == q  # start .. answer row is exactly the question
+        assert labels[a : r + 1] == [-100] * (r + 1 - a) and labels[r + 1] != -100  # the next token is the answer
+
+
+def test_question_columns_are_the_words_that_pick_the_objects():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for seed in range(60):
+        scene = S.make_scene(seed)
+        for qtype in S.QTYPES:
+            qa = S.ask(scene, qtype, rng)
+            if qa is None:
+                continue
+            q, words = qa[0], qa[0].split()
+            per_head = vlm.question_columns(q, 7)
+            picked = [[words[c - 7] for c in cols] for cols in per_head]
+            seen.add(qtype)
+            if qtype == "spatial":  # "where is the red circle relative to the blue square ?": A on head 0, B on 1
+                assert picked == [words[3:5], words[-3:-1]]
+            elif qtype == "text":
+                assert picked == [[]]
+            else:
+                assert len(per_head) == 1 and picked[0]
+                assert all(w in S.COLOURS or w in S.SHAPES or w in S.PLURAL.values() for w in picked[0])
+                assert picked[0] == [w for w in words if w in vlm.ATTRIBUTE_WORDS]
+    assert seen == set(S.QTYPES)
+
+
+def test_question_loss_is_trained_and_logged_only_when_asked(tmp_path):
+    kw = dict(family="llava", pool=4, dense_pool=4, dense_steps=1, dense_batch=2, lm_steps=1, lm_batch=2,
+              qa_per_image=3, val_per_type=1, threads=1)  # fmt: skip
+    rows = {}
+    for w in (0.0, 1.0):
+        vlm.train_vlm(vlm.TrainConfig(**kw, question_sup=w), tmp_path / str(w), log=lambda *_: None)
+        log = [json.loads(x) for x in (tmp_path / str(w) / "work" / "log.jsonl").read_text().splitlines()]
+        rows[w] = next(r for r in log if r["stage"] == "lm")
+    assert rows[0.0]["qground"] == 0.0
+    # a fresh head spreads its attention over ~600 columns: the mass on a question's few words is small
+    assert 1.0 < rows[1.0]["qground"] < 10.0
+    assert rows[1.0]["ground"] == pytest.approx(rows[0.0]["ground"])  # layer 0 is not in the visual loss
 
 
 def test_checkpoints_without_a_recorded_rope_base_had_10000(tmp_path):

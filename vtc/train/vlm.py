@@ -23,6 +23,14 @@ Recipe (answer-only training from scratch does not learn on 2 CPU cores; see the
    A's offset from B, (dy, dx), from that row after layer 2 (without it the relation stayed at chance: the heads
    found the objects but the answer row held no usable position; a linear probe of it scored 0.30 for 4 classes),
    and another the number a "how many" question asks for.
+   For LLaVA a third routes the question itself (`question_sup`): head 0 of layer 0, from the answer row, must spread
+   its attention evenly over the words that pick the objects (colours and shapes; spatial questions: A's words on
+   head 0, B's on head 1). Without it, in one of two runs of the same recipe no head of layer 0 carried the colour
+   word to the answer row (mass on "green" in "what shape is the green object ?" 0.00, on "red" in "is there a red
+   circle ?" <= 0.01; they read the shape word, "shape", "a"), so the colour look-ups never formed (head 0 of layers
+   1-3 put 0.28 of its mass on the green object; validation shape 0.50, existence 0.53); in the run that reached the
+   bar two heads of layer 0 put 0.42-0.55 on the colour word. With 1-D RoPE and base 1e6 the LLM has few
+   fast-rotating dimensions to find a question's words by position, and 40 earlier turns to confuse them with.
 
 Every stage checkpoints (safetensors: model, optimiser moments, RNG-free step counter) and a killed run resumes
 where it stopped. The final model and its processor (word-level tokenizer, image processor, chat template) are
@@ -65,14 +73,27 @@ ATTRS = ("colour", "shape", "letter", "centre")  # the per-cell label maps, in t
 
 
 # One-run recipes: `None` fields of TrainConfig take their family's value. Qwen2-VL's trained its shipped model.
-# LLaVA's is fragile (README): RoPE base 1e6 (with 1-D RoPE its questions sit 600-900 positions after the image
-# tokens; base 10 000 left the LLM stage near 0.65) and 5 500 LLM steps; the shipped LLaVA ran 4 500 scheduled steps
-# to step 2 000, then these, and reached 0.950, while runs of 4 500 (GPU) and of 5 500 from the start (CPU)
-# plateaued at 0.77. LLaVA pays for 576 visual tokens per sequence (Qwen2-VL: 144), so it asks more questions per
-# image.
+# LLaVA: RoPE base 1e6 (with 1-D RoPE its questions sit 600-900 positions after the image tokens; base 10 000 left
+# the LLM stage near 0.65) and the layer-0 question loss, without which one of three runs of 4 500-5 500 LLM steps
+# reached the bar and two plateaued at 0.77; with it 2 500 steps are enough (README). LLaVA pays for 576 visual
+# tokens per sequence (Qwen2-VL: 144), so it asks more questions per image.
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "llava": {"dense_steps": 2000, "lm_steps": 5500, "lm_batch": 6, "qa_per_image": 40, "rope_theta": 1e6},
-    "qwen2_vl": {"dense_steps": 1000, "lm_steps": 6000, "lm_batch": 8, "qa_per_image": 20, "rope_theta": 10000.0},
+    "llava": {
+        "dense_steps": 2000,
+        "lm_steps": 2500,
+        "lm_batch": 6,
+        "qa_per_image": 40,
+        "rope_theta": 1e6,
+        "question_sup": 1.0,
+    },
+    "qwen2_vl": {
+        "dense_steps": 1000,
+        "lm_steps": 6000,
+        "lm_batch": 8,
+        "qa_per_image": 20,
+        "rope_theta": 10000.0,
+        "question_sup": 0.0,
+    },
 }
 
 
@@ -94,6 +115,7 @@ class TrainConfig:
     threads: int = 2
     checkpoint_every: int = 100
     attn_sup: float = 1.0  # weight of the grounding loss on heads 0 (and 1) of layers 1.. (0 disables it)
+    question_sup: float | None = None  # weight of the loss making head 0 of layer 0 read the current question
     rel_sup: float = 1.0  # weight of the spatial read-out: (dy, dx) of A - B from the answer row after layer 2
     count_sup: float = 1.0  # weight of the count read-out: the number asked for, from the answer row after layer 2
     rope_theta: float | None = None  # the LM's RoPE base (shipped models: Qwen2-VL 10 000, LLaVA 1e6; README)
@@ -385,14 +407,19 @@ def make_turns(seed: int, n: int, rng: np.random.Generator) -> tuple[S.Scene, li
     return scene, turns
 
 
-def build_sequence(prefix: list[int], turns: list[tuple[str, str]], tok, rows: list | None = None):
+def build_sequence(
+    prefix: list[int], turns: list[tuple[str, str]], tok, rows: list | None = None, starts: list | None = None
+):
     """Token ids and labels (-100 except answers and their </s>) for `prefix` + q1 a1 </s> q2 a2 </s> ...
 
-    `rows`, if given, receives the position of each question's last token (the one that predicts the answer)."""
+    `rows`, if given, receives the position of each question's last token (the one that predicts the answer);
+    `starts` the position of each question's first token."""
     ids, labels = list(prefix), [-100] * len(prefix)
     for q, a in turns:
         qi = tok(q, add_special_tokens=False)["input_ids"]
         ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        if starts is not None:
+            starts.append(len(ids))
         ids += qi + ai
         labels += [-100] * len(qi) + ai
         if rows is not None:
@@ -488,9 +515,13 @@ class AttentionCapture:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = self._orig
 
 
-def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[list[int]]]]) -> Tensor:
+def grounding_loss(
+    store: dict, rows: list[list[int]], targets: list[list[list[list[int]]]], spread: bool = False
+) -> Tensor:
     """Mean over supervised layers, turns and heads of -log(attention mass that head h of the answer-predicting row
     puts on `targets[b][turn][h]`, the visual columns that head must look at). Empty column lists are skipped.
+    `spread`: the cross-entropy against a uniform target on those columns instead (-mean of their log
+    probabilities): minimal only when every column gets an equal share, so the head cannot settle on one of them.
 
     Batched: one [B, H, R, L] score tensor per layer (R = most turns in a row of the batch), not a loop per row."""
     if not store:
@@ -524,7 +555,11 @@ def grounding_loss(store: dict, rows: list[list[int]], targets: list[list[list[l
         kh = k[:, torch.arange(n_h, device=dev) // groups].float()  # [B, H, L, d]
         logits = (qr @ kh.transpose(-1, -2)) * scale  # [B, H, R, L]
         logp = logits.masked_fill(future[:, None], float("-inf")).log_softmax(-1)
-        mass = logp.masked_fill(~want, float("-inf")).logsumexp(-1)  # [B, H, R]
+        if spread:
+            past = want & ~future[:, None]  # padding entries want every column: keep only finite ones
+            mass = logp.masked_fill(~past, 0.0).sum(-1) / past.sum(-1)  # [B, H, R] mean log p over the columns
+        else:
+            mass = logp.masked_fill(~want, float("-inf")).logsumexp(-1)  # [B, H, R]
         losses.append(-mass[used])
     return torch.cat(losses).mean()
 
@@ -549,6 +584,22 @@ def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: 
         return [offset + int(c) for c in cells]
 
     return [cols(g) for g in groups]
+
+
+ATTRIBUTE_WORDS = frozenset(S.COLOURS) | frozenset(S.SHAPES) | frozenset(S.PLURAL.values())
+
+
+def question_columns(question: str, start: int) -> list[list[int]]:
+    """Per supervised head of layer 0, the sequence columns of the words that pick out what the question is about
+    (colours and shapes; the question's words sit at `start`, one token per word): head 0 reads all of them, except
+    for spatial questions, where head 0 reads object A's words and head 1 object B's (as `target_columns`).
+    Questions without such words (the letter's) give no column."""
+    words = question.split()
+    cols = [start + i for i, w in enumerate(words) if w in ATTRIBUTE_WORDS]
+    if question.startswith("where is") and "relative" in words:
+        cut = start + words.index("relative")
+        return [[c for c in cols if c < cut], [c for c in cols if c > cut]]
+    return [cols]
 
 
 def relation_target(scene: S.Scene, question: str) -> tuple[float, float] | None:
@@ -732,7 +783,9 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     use_aux = cfg.family == "qwen2_vl"
     offset = prefix.index(model.config.image_token_id)
     lm_layers = model.model.language_model.layers
-    capture = AttentionCapture({i: lm_layers[i].self_attn for i in range(1, len(lm_layers))})
+    first = 0 if cfg.question_sup > 0 else 1  # layer 0 is captured only for the question loss
+    capture = AttentionCapture({i: lm_layers[i].self_attn for i in range(first, len(lm_layers))})
+    supervised = cfg.attn_sup > 0 or cfg.question_sup > 0
     model.train()
     for m in visual:
         m.eval()
@@ -740,12 +793,14 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     for step in range(meta["step"] if meta["stage"] == "lm" else cfg.lm_steps, cfg.lm_steps):
         r = np.random.default_rng(cfg.seed * 104729 + step)
         idx = r.integers(0, cfg.pool, cfg.lm_batch)
-        batch, rows, targets, rel_at, rel_y, cnt_at, cnt_y = [], [], [], [], [], [], []
+        batch, rows, targets, rel_at, rel_y, cnt_at, cnt_y, q_cols = [], [], [], [], [], [], [], []
         for j, i in enumerate(idx):
             scene, turns = make_turns(int(seeds[i]), cfg.qa_per_image, r)
             rws: list[int] = []
-            batch.append(build_sequence(prefix, turns, tok, rws))
+            sts: list[int] = []
+            batch.append(build_sequence(prefix, turns, tok, rws, sts))
             rows.append(rws)
+            q_cols.append([question_columns(q, a) for (q, _), a in zip(turns, sts, strict=True)])
             for (q, _), row in zip(turns, rws, strict=True):
                 t = relation_target(scene, q)
                 if t is not None:
@@ -762,10 +817,12 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         for g in opt3.param_groups:
             g["lr"] = lr_at(step, cfg.lm_steps, cfg.lm_lr)
         capture.store.clear()
-        with bf16(dev), capture if cfg.attn_sup > 0 else contextlib.nullcontext():
+        with bf16(dev), capture if supervised else contextlib.nullcontext():
             logits, (hid, hid_rel) = lm_forward(model, cfg.family, ids, mask, feats_all[idx].to(dev), grid, (1, 3))
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+            layer0 = {0: capture.store.pop(0)} if 0 in capture.store else {}
             ground = grounding_loss(capture.store, rows, targets) if cfg.attn_sup > 0 else torch.zeros(())
+            q_ground = grounding_loss(layer0, rows, q_cols, spread=True) if cfg.question_sup > 0 else torch.zeros(())
             aux_loss = torch.zeros(())
             if use_aux:
                 vis = hid[ids == model.config.image_token_id].view(len(batch), n_tok, -1)
@@ -782,11 +839,13 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 pred = cnt(hid_rel[at[:, 0], at[:, 1]]).float()[:, 0]
                 cnt_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(cnt_y, dtype=torch.float32, device=dev))
         opt3.zero_grad(set_to_none=True)
-        (loss + aux_loss + cfg.attn_sup * ground + cfg.rel_sup * rel_loss + cfg.count_sup * cnt_loss).backward()
+        extra_loss = cfg.attn_sup * ground + cfg.question_sup * q_ground + cfg.rel_sup * rel_loss
+        (loss + aux_loss + extra_loss + cfg.count_sup * cnt_loss).backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
-            parts = {"loss": loss, "aux": aux_loss, "ground": ground, "rel": rel_loss, "count": cnt_loss}
+            parts = {"loss": loss, "aux": aux_loss, "ground": ground, "qground": q_ground, "rel": rel_loss}
+            parts["count"] = cnt_loss
             parts = {k: float(v.detach()) for k, v in parts.items()}
             shown = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
