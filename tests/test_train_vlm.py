@@ -194,6 +194,9 @@ def test_smoke_run_resumes_and_exports(tmp_path):
         vlm.train_vlm(other, out, log=lambda *_: None)
     with pytest.raises(ValueError, match="pass --rope-theta 10000"):
         vlm.export_checkpoint(other, out, log=lambda *_: None)
+    # its scenes are those of --seed 0: going on with another seed would ask questions of other scenes
+    with pytest.raises(ValueError, match="holds the scenes of --seed 0, but this run asks for --seed 1"):
+        vlm.train_vlm(vlm.TrainConfig(**{**vars(cfg), "seed": 1}), out, log=lambda *_: None)
 
 
 def test_question_spans_cover_each_question(tiny):

@@ -672,10 +672,16 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
         path = work / f"pool_{variant}_{n}_{grid}.npz"
         if path.exists():
             z = np.load(path)
+            had = int(z["seed0"]) if "seed0" in z else 0  # pools saved before the key existed: seed 0, the default
+            if had != seed0:  # the questions are asked of scenes seed0.., which must be the images of this pool
+                raise ValueError(
+                    f"{path} holds the scenes of --seed {had // 10**7}, but this run asks for --seed {cfg.seed}: "
+                    f"train into a new --out, or pass --seed {had // 10**7} to go on with this one"
+                )
             return z["images"], z["labels"]
         t0 = time.time()
         images, labels = render_pool(n, grid, seed0=seed0, workers=cfg.threads, variant=variant)
-        np.savez(path, images=images, labels=labels)
+        np.savez(path, images=images, labels=labels, seed0=np.int64(seed0))
         log(f"rendered {n} {variant} scenes in {time.time() - t0:.0f}s")
         return images, labels
 
