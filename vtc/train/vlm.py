@@ -806,7 +806,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             sts: list[int] = []
             batch.append(build_sequence(prefix, turns, tok, rws, sts))
             rows.append(rws)
-            q_cols.append([question_columns(q, a) for (q, _), a in zip(turns, sts, strict=True)])
+            if cfg.question_sup > 0:
+                q_cols.append([question_columns(q, a) for (q, _), a in zip(turns, sts, strict=True)])
             for (q, _), row in zip(turns, rws, strict=True):
                 t = relation_target(scene, q)
                 if t is not None:
@@ -845,13 +846,18 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
                 pred = cnt(hid_rel[at[:, 0], at[:, 1]]).float()[:, 0]
                 cnt_loss = 10 * nn.functional.mse_loss(pred, torch.tensor(cnt_y, dtype=torch.float32, device=dev))
         opt3.zero_grad(set_to_none=True)
-        extra_loss = cfg.attn_sup * ground + cfg.question_sup * q_ground + cfg.rel_sup * rel_loss
-        (loss + aux_loss + extra_loss + cfg.count_sup * cnt_loss).backward()
+        total = (
+            loss + aux_loss + cfg.attn_sup * ground + cfg.question_sup * q_ground
+            + cfg.rel_sup * rel_loss + cfg.count_sup * cnt_loss
+        )  # fmt: skip
+        total.backward()
         torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
         opt3.step()
         if step % 20 == 0:
-            parts = {"loss": loss, "aux": aux_loss, "ground": ground, "qground": q_ground, "rel": rel_loss}
-            parts["count"] = cnt_loss
+            parts = {
+                "loss": loss, "aux": aux_loss, "ground": ground, "qground": q_ground, "rel": rel_loss,
+                "count": cnt_loss,
+            }  # fmt: skip
             parts = {k: float(v.detach()) for k, v in parts.items()}
             shown = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
