@@ -149,7 +149,10 @@ def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
     (model, _, tok), _ = _bridge(tmp_path, "flextok")
     latents = torch.randn(2, 8, 32)  # TINY width
     turns = [[("how many circles are there ?", "two")]] * 2
-    ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, latents, [3, 8], turns)
+    rows, starts = [], []
+    ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, latents, [3, 8], turns, rows, starts)
+    for j in range(2):  # the question's span, from its first token to the row that predicts the answer
+        assert tok.decode(ids[j, starts[j][0] : rows[j][0] + 1]) == turns[j][0][0]
     assert feats.shape[0] == 3 + 8
     torch.testing.assert_close(feats[:3], model.model.multi_modal_projector(latents[0, :3]))
     n0 = int(mask[0].sum())
@@ -178,6 +181,7 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(x) for x in (tmp_path / "b" / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "lm"] == [0]  # step 0 logged once, not again on resume
+    assert all(r["qground"] > 0 and r["ground"] > 0 for r in log if r["stage"] == "lm")  # both losses on
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
 
 

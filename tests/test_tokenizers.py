@@ -382,7 +382,7 @@ def test_karl_flat_error_curve_gives_short_targets_not_the_sampled_count(rule, m
     # the minimum-program target, a count that is already as good as T wins: here every count is lossless.
     tok = tiny("karl", rebin_prob=0.0, halt_target=rule).train()
     monkeypatch.setattr(tok, "sample_count", lambda: 8)
-    monkeypatch.setattr(tok, "_reached_error", lambda x, n, idx: torch.zeros(x.shape[0]))
+    monkeypatch.setattr(tok, "_reached_error", lambda x, n, idx, w=None: torch.zeros(x.shape[0]))
     labels = []
     real_bce = F.binary_cross_entropy_with_logits
     monkeypatch.setattr(
@@ -505,6 +505,82 @@ def test_shapes_data_is_the_benchmark_scene_at_tokenizer_size(tmp_path):
     assert out["steps"] == 2
     with pytest.raises(ValueError, match="data='mnist' is not one of"):
         train_mod.train_tokenizer("flextok", tmp_path / "x", steps=1, data="mnist", log=None)
+
+
+def test_weighted_mse_is_the_weighted_mean_of_a_plain_loop():
+    from vtc.tokenizers.core import weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(3, 3, 5, 4, generator=g), torch.rand(3, 3, 5, 4, generator=g)
+    w = torch.rand(3, 1, 5, 4, generator=g)
+    num = den = 0.0
+    for b in range(3):
+        for c in range(3):
+            for y in range(5):
+                for x in range(4):
+                    num += float(w[b, 0, y, x]) * float(pred[b, c, y, x] - target[b, c, y, x]) ** 2
+                    den += float(w[b, 0, y, x])
+    assert float(weighted_mse(pred, target, w)) == pytest.approx(num / den, rel=1e-5)
+    assert float(weighted_mse(pred, target, torch.full_like(w, 2.5))) == pytest.approx(
+        float(F.mse_loss(pred, target)), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pixel_weights_in_the_training_loss(name):
+    tok = tiny(name).train()
+    x = images(4)
+    w = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def loss(weight):
+        torch.manual_seed(5)
+        return tok.training_loss(x, weight)[0].detach()
+
+    plain = loss(None)
+    assert torch.allclose(loss(torch.ones(4, 1, 16, 16)), plain, rtol=1e-5, atol=1e-6)
+    weighted = loss(w)
+    assert torch.allclose(loss(3 * w), weighted, rtol=1e-5, atol=1e-6)  # only relative weights matter
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(ValueError, match=r"weight must be a tensor \[B, 1, H, W\] = \(4, 1, 16, 16\)"):
+        tok.training_loss(x, torch.ones(4, 3, 16, 16))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        tok.training_loss(x, -w)
+
+
+def test_shapes_masks_are_the_downscaled_object_pixels(tmp_path):
+    from vtc.eval.benchmarks import shapes as S
+
+    x, cover = train_mod.shapes_batch(1, 3, size=24, seed=2, masks=True)
+    assert torch.equal(x, train_mod.shapes_batch(1, 3, size=24, seed=2))
+    scene = S.make_scene(2 * 10**7 + 4 * 10**6 + 3 + 2)  # the third image of batch 1, seed 2
+    ids = scene.pixel_map()
+    for i, o in enumerate(scene.objects):  # each object's centre shows it unless a later one covers it
+        assert ids[int(o.cy), int(o.cx)] >= i + 1
+    for j, (_, (x0, y0, x1, y1)) in enumerate(scene.tags()):
+        assert (ids[y0 : y1 + 1, x0 : x1 + 1] == len(scene.objects) + 1 + j).all()
+    want = cv2.resize((ids > 0).astype(np.float32), (24, 24), interpolation=cv2.INTER_AREA)
+    assert torch.equal(cover[2, 0], torch.from_numpy(want))
+    assert 0 < float(cover.mean()) < 0.3 and float(cover.max()) == 1.0
+    # the coarse map is the per-pixel map pooled: a cell's id covers >= 20% of it
+    coarse = scene.object_map(8)
+    cell = scene.size // 8
+    for gy in range(8):
+        for gx in range(8):
+            block = ids[gy * cell : (gy + 1) * cell, gx * cell : (gx + 1) * cell]
+            if coarse[gy, gx]:
+                assert (block == coarse[gy, gx]).mean() >= 0.2
+            else:
+                assert max(((block == v).mean() for v in np.unique(block) if v), default=0) < 0.2
+
+    out = train_mod.train_tokenizer(
+        "flextok", tmp_path, steps=2, batch_size=2, data="shapes", object_weight=20.0, eval_images=4,
+        config=dict(TINY), log=None,
+    )  # fmt: skip
+    assert set(out["object_psnr_by_tokens"]) == set(out["psnr_by_tokens"]) == {1, 2, 4, 8}
+    with pytest.raises(ValueError, match="object_weight=20.0, not 0.0"):
+        train_mod.train_tokenizer("flextok", tmp_path, steps=3, data="shapes", config=dict(TINY), log=None)
+    with pytest.raises(ValueError, match="only with data='shapes'"):
+        train_mod.train_tokenizer("flextok", tmp_path / "s", steps=1, object_weight=5.0, log=None)
 
 
 # ---------------------------------------------------------------------------------------------- data

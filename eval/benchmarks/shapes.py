@@ -120,9 +120,9 @@ class Scene:
         return self._bg
 
     # ------------------------------------------------------------------ dense targets
-    def object_map(self, grid: int, frame: int = 0) -> np.ndarray:
-        """`[grid, grid]` int: the object covering most of each cell (i + 1 for object i, len(objects) + 1 + j for
-        letter tag j, 0 for background) if it covers >= 20% of the cell."""
+    def pixel_map(self, frame: int = 0) -> np.ndarray:
+        """`[S, S]` int32: which object each pixel shows (i + 1 for object i, len(objects) + 1 + j for letter tag j,
+        0 for background)."""
         import cv2
 
         ids = np.zeros((self.size, self.size), np.int32)
@@ -133,6 +133,12 @@ class Scene:
         if self.frames == 1 or frame == 0:
             for j, (_, (x0, y0, x1, y1)) in enumerate(self.tags()):
                 ids[y0 : y1 + 1, x0 : x1 + 1] = len(self.objects) + 1 + j
+        return ids
+
+    def object_map(self, grid: int, frame: int = 0) -> np.ndarray:
+        """`[grid, grid]` int: the object covering most of each cell (i + 1 for object i, len(objects) + 1 + j for
+        letter tag j, 0 for background) if it covers >= 20% of the cell."""
+        ids = self.pixel_map(frame)
         cell = self.size / grid
         out = np.zeros((grid, grid), np.int64)
         for gy in range(grid):

@@ -111,9 +111,23 @@ class Tokenizer1D(nn.Module):
     def decode(self, tokens: TokenizedImages | Tensor, **kwargs: Any) -> Tensor:
         raise NotImplementedError
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """One training iteration's loss on `images [B, 3, H, W]` in [0, 1], and scalars to log."""
+    def training_loss(self, images: Tensor, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """One training iteration's loss on `images [B, 3, H, W]` in [0, 1], and scalars to log. `weight
+        [B, 1, H, W]` (optional, >= 0) weighs each pixel of the reconstruction loss (`vtc train tokenizer
+        --object-weight`: the objects of benchmark scenes, which are too few pixels for a plain mean)."""
         raise NotImplementedError
+
+    def check_weight(self, weight: Tensor | None, images: Tensor) -> Tensor | None:
+        """Validate pixel weights for `training_loss`: `[B, 1, H, W]` like `images`, finite and >= 0."""
+        if weight is None:
+            return None
+        b, _, h, w = images.shape
+        if not isinstance(weight, Tensor) or tuple(weight.shape) != (b, 1, h, w):
+            got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+            raise self._fail(f"weight must be a tensor [B, 1, H, W] = {(b, 1, h, w)} (one per pixel), got {got}")
+        if not bool(torch.isfinite(weight).all()) or float(weight.min()) < 0 or float(weight.sum()) <= 0:
+            raise self._fail("weight must be finite and >= 0 with a positive sum")
+        return weight.to(images.dtype)
 
     # ------------------------------------------------------------------ shared checks and helpers
     def _fail(self, msg: str) -> ValueError:

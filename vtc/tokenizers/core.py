@@ -57,6 +57,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, dim % 2))
 
 
+def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared error over `[B, C, H, W]`; with pixel weights `weight [B, 1, H, W]` (>= 0) the weighted mean
+    sum(w * e^2) / (C * sum(w)), so a constant weight gives the plain mean."""
+    if weight is None:
+        return F.mse_loss(pred, target)
+    err = (pred - target).pow(2) * weight
+    return err.sum() / (weight.sum().clamp_min(1e-12) * pred.shape[1])
+
+
 def patchify(x: Tensor, p: int) -> Tensor:
     """`[B, C, H, W]` -> `[B, (H/p)*(W/p), p*p*C]` (row-major patches, channels last within a patch)."""
     b, c, h, w = x.shape

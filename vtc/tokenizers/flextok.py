@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TokenizedImages, Tokenizer1D, TokenizerConfig, register_tokenizer
@@ -45,6 +44,7 @@ from .core import (
     sincos_2d,
     timestep_embedding,
     unpatchify,
+    weighted_mse,
 )
 from .quantizers import build_quantizer
 
@@ -256,22 +256,23 @@ class FlexTok(Tokenizer1D):
         k = sample_keep_k(c.nested_sampling, c.num_tokens, batch, device)
         return torch.arange(c.num_tokens, device=device)[None] < k[:, None]
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, images: Tensor, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         x = self.check_images(images)
+        w = self.check_weight(weight, x)
         b = x.shape[0]
         feats = self.encoder(x)  # [B, K, w]
         codes, _, qloss = self.quantize(feats)
         keep = self.sample_keep(b, x.device)
         if self.config.decoder == "mse":
             rec = self.decoder(codes, keep)
-            loss = F.mse_loss(rec, x)
+            loss = weighted_mse(rec, x, w)
         else:
             noise = torch.randn_like(x)
             t = torch.sigmoid(torch.randn(b, device=x.device))
             tt = t[:, None, None, None]
             x_t = tt * noise + (1 - tt) * x
             null = torch.rand(b, device=x.device) < self.config.cond_drop_prob
-            loss = F.mse_loss(self.decoder(x_t, t, codes, keep, null), noise - x)
+            loss = weighted_mse(self.decoder(x_t, t, codes, keep, null), noise - x, w)
         total = loss + qloss
         return total, {
             "loss": float(total.detach()),

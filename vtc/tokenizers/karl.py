@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TokenizedImages, Tokenizer1D, TokenizerConfig, register_tokenizer
-from .core import LatentEncoder, PixelDecoder
+from .core import LatentEncoder, PixelDecoder, weighted_mse
 from .quantizers import build_quantizer
 
 REFERENCE_BINS = (
@@ -250,8 +250,16 @@ class Karl(Tokenizer1D):
         big = torch.full_like(errors, float(self.config.num_tokens), dtype=torch.float32)
         return torch.where(ok, counts[None].float().expand_as(big), big).min(1).values.long()
 
+    @staticmethod
+    def _l1(rec: Tensor, x: Tensor, w: Tensor | None) -> Tensor:
+        """`[B]` mean L1 error per image in [0, 1] units (`rec`, `x` in [-1, 1]); pixel-weighted when `w` is given."""
+        err = (rec.clamp(-1, 1) - x).abs() / 2
+        if w is None:
+            return err.mean((1, 2, 3))
+        return (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)).clamp_min(1e-12) * x.shape[1])
+
     @torch.no_grad()
-    def _reached_error(self, x: Tensor, n: int, idx: Tensor) -> Tensor:
+    def _reached_error(self, x: Tensor, n: int, idx: Tensor, w: Tensor | None = None) -> Tensor:
         """`[B]` mean L1 error (images in [0, 1]) reached with `n` tokens under condition `idx` (a measurement only:
         the quantizer's dead-code bookkeeping is not advanced)."""
         was = self.quantizer.training
@@ -260,11 +268,14 @@ class Karl(Tokenizer1D):
             _, _, codes, _, _ = self._encode(x, n, idx)
         finally:
             self.quantizer.train(was)
-        return ((self.decoder(codes).clamp(-1, 1) - x).abs() / 2).mean((1, 2, 3))
+        return self._l1(self.decoder(codes), x, w)
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, images: Tensor, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        """With pixel weights `weight`, both reconstruction losses and the error that conditions phase B are the
+        weighted means, so the requested error is then a weighted L1 error."""
         c = self.config
         x = self.check_images(images)
+        w = self.check_weight(weight, x)
         b, k = x.shape[0], c.num_tokens
 
         # Phase A: encode with T latents at a near-lossless request; measure the error reached.
@@ -272,10 +283,10 @@ class Karl(Tokenizer1D):
         idx_a = torch.multinomial(self.phase_a_probs, b, replacement=True)
         _, logits_a, codes_a, _, q_a = self._encode(x, t_count, idx_a)
         rec_a = self.decoder(codes_a)
-        mse_a = F.mse_loss(rec_a, x)
+        mse_a = weighted_mse(rec_a, x, w)
         halt_a = F.binary_cross_entropy_with_logits(logits_a, torch.zeros_like(logits_a))
         with torch.no_grad():
-            err = ((rec_a.detach().clamp(-1, 1) - x).abs() / 2).mean((1, 2, 3))  # [B] L1 in [0, 1] units
+            err = self._l1(rec_a.detach(), x, w)  # [B] L1 in [0, 1] units
             if self.training:
                 probs = self.phase_a_probs.clone()
                 probs[self.bins >= err.min()] *= c.phase_a_decay
@@ -287,7 +298,7 @@ class Karl(Tokenizer1D):
             target = torch.full((b,), t_count, dtype=torch.long, device=x.device)
         else:  # minimum program: the fewest measured tokens that reach the condition's bin
             ladder = [n for n in self.ladder() if n != t_count]
-            errs = torch.stack([self._reached_error(x, n, idx_a) for n in ladder] + [err], 1)  # [B, C]
+            errs = torch.stack([self._reached_error(x, n, idx_a, w) for n in ladder] + [err], 1)  # [B, C]
             counts = torch.tensor(ladder + [t_count], device=x.device)
             idx_b = self.bin_index(err)
             if torch.rand(()) < c.rebin_prob:  # any bin: stricter than reachable -> K, looser -> fewer tokens
@@ -296,7 +307,7 @@ class Karl(Tokenizer1D):
         _, logits_b, codes_b, _, q_b = self._encode(x, k, idx_b)
         keep_b = self.keep_from_logits(logits_b.detach(), at_least_one=False)
         rec_b = self.decoder(codes_b, keep_b)
-        mse_b = F.mse_loss(rec_b, x)
+        mse_b = weighted_mse(rec_b, x, w)
         halted = torch.arange(k, device=x.device)[None] >= target[:, None]  # [B, K] halting labels
         bce = F.binary_cross_entropy_with_logits(logits_b, halted.float(), reduction="none")
         halt_b = (bce * ~halted).sum() / (~halted).sum().clamp_min(1)  # two means, as in the reference

@@ -31,11 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import TokenizedImages, Tokenizer1D, TokenizerConfig, register_tokenizer
-from .core import LatentEncoder, PixelDecoder
+from .core import LatentEncoder, PixelDecoder, weighted_mse
 from .quantizers import build_quantizer
 
 
@@ -82,14 +81,15 @@ class OneDPiece(Tokenizer1D):
         codes = self.quantizer.ids_to_codes(t.ids).to(self.to_code.weight.dtype)  # [B, n, d]
         return self.to_unit(self.decoder(codes, t.mask))
 
-    def training_loss(self, images: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, images: Tensor, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
         x = self.check_images(images)
+        w = self.check_weight(weight, x)
         k_max = self.config.num_tokens
         feats = self.encoder(x)
         codes, _, qloss = self.quantizer(self.to_code(feats))  # [B, K, d]
         n = int(torch.randint(1, k_max + 1, ())) if self.config.tail_dropout else k_max  # one length per batch
         rec = self.decoder(codes[:, :n])  # Tail Token Drop: the decoder sequence is N + n long
-        loss = F.mse_loss(rec, x)
+        loss = weighted_mse(rec, x, w)
         total = loss + qloss
         return total, {
             "loss": float(total.detach()),

@@ -54,6 +54,7 @@ class BridgeConfig:
     lr: float = 2e-3
     full_prob: float = 0.25  # share of training images that keep all K tokens
     attn_sup: float = 0.0  # weight of a loss making head 0 of layers 1.. attend to the image from answer rows
+    question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -107,10 +108,17 @@ def tower_latents(model, processor, images: np.ndarray, chunk: int = 256) -> tup
 
 
 def prefix_batch(
-    model, tok, latents: Tensor, ks: list[int], turns: list[list[tuple[str, str]]], rows: list | None = None
+    model,
+    tok,
+    latents: Tensor,
+    ks: list[int],
+    turns: list[list[tuple[str, str]]],
+    rows: list | None = None,
+    starts: list | None = None,
 ):
     """ids, labels, mask, position ids `[B, L]` and the projected visual tokens `[sum(ks), D]` (placeholder order);
-    `rows`, if given, receives per sample the positions of the tokens that predict its answers.
+    `rows` / `starts`, if given, receive per sample the positions of the tokens that predict its answers / of its
+    questions' first tokens.
 
     Positions are those `vtc.compress` gives a truncated sequence by default (`positions="original"`): the text
     after a k-token prefix sits where it would after all K tokens, so training and evaluation agree."""
@@ -118,9 +126,12 @@ def prefix_batch(
     seqs = []
     for k, t in zip(ks, turns, strict=True):
         r: list[int] = []
-        seqs.append(vlm.build_sequence(vlm.image_prefix("llava", k), t, tok, r))
+        st: list[int] = []
+        seqs.append(vlm.build_sequence(vlm.image_prefix("llava", k), t, tok, r, st))
         if rows is not None:
             rows.append(r)
+        if starts is not None:
+            starts.append(st)
     ids, lab, mask = vlm.pad_batch(seqs)
     pos = torch.arange(ids.shape[1]).repeat(len(seqs), 1)
     for j, k in enumerate(ks):
@@ -190,7 +201,9 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     if start:
         log(f"resuming at step {start}")
     layers = model.model.language_model.layers
-    capture = vlm.AttentionCapture({i: layers[i].self_attn for i in range(1, len(layers))} if cfg.attn_sup > 0 else {})
+    first = 0 if cfg.question_sup > 0 else 1
+    last = len(layers) if cfg.attn_sup > 0 else first + 1 if cfg.question_sup > 0 else first
+    capture = vlm.AttentionCapture({i: layers[i].self_attn for i in range(first, last)})
     model.train()
     t0 = time.time()
     for step in range(start, cfg.steps):
@@ -201,23 +214,34 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         for g in opt.param_groups:
             g["lr"] = vlm.lr_at(step, cfg.steps, cfg.lr)
         rows: list[list[int]] = []
+        starts: list[list[int]] = []
         capture.store.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16), capture:
-            ids, lab, mask, pos, feats = prefix_batch(model, tok, latents[idx], ks, turns, rows)
+            ids, lab, mask, pos, feats = prefix_batch(model, tok, latents[idx], ks, turns, rows, starts)
             logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+            layer0 = {0: capture.store.pop(0)} if 0 in capture.store else {}
+            q_ground = torch.zeros(())
+            if cfg.question_sup > 0:  # head 0 of layer 0 reads the words that pick the objects (vtc train vlm)
+                q_cols = [
+                    [vlm.question_columns(q, a) for (q, _), a in zip(t, st, strict=True)]
+                    for t, st in zip(turns, starts, strict=True)
+                ]
+                q_ground = vlm.grounding_loss(layer0, rows, q_cols, spread=True)
             image_cols = [[[list(range(1, 1 + k))] for _ in rs] for k, rs in zip(ks, rows, strict=True)]
             ground = vlm.grounding_loss(capture.store, rows, image_cols) if cfg.attn_sup > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.attn_sup * ground).backward()
+        (loss + cfg.attn_sup * ground + cfg.question_sup * q_ground).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
+            parts = {k: float(v.detach()) for k, v in {"loss": loss, "ground": ground, "qground": q_ground}.items()}
             log(
-                f"bridge {step}/{cfg.steps} loss {float(loss.detach()):.3f} ground {float(ground.detach()):.3f} "
-                f"{time.time() - t0:.0f}s"
+                f"bridge {step}/{cfg.steps} "
+                + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+                + f" {time.time() - t0:.0f}s"
             )
-            record(stage="lm", step=step, loss=float(loss.detach()), ground=float(ground.detach()))
+            record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1})
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:

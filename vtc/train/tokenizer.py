@@ -82,8 +82,11 @@ def save_checkpoint(
 
 
 @torch.no_grad()
-def prefix_psnr(model: Tokenizer1D, images: torch.Tensor, batch: int = 64) -> dict[int, float]:
-    """Mean PSNR (dB, images in [0, 1]) of reconstructions from the first k tokens, k = 1, 2, 4, ..., K."""
+def prefix_psnr(
+    model: Tokenizer1D, images: torch.Tensor, batch: int = 64, weight: torch.Tensor | None = None
+) -> dict[int, float]:
+    """Mean PSNR (dB, images in [0, 1]) of reconstructions from the first k tokens, k = 1, 2, 4, ..., K. With
+    `weight [B, 1, H, W]` each image's MSE is the weighted mean (e.g. an object mask: PSNR on the objects only)."""
     k_max = model.config.num_tokens
     ks = sorted({2**i for i in range(int(math.log2(k_max)) + 1)} | {k_max})
     was_training = model.training
@@ -96,28 +99,43 @@ def prefix_psnr(model: Tokenizer1D, images: torch.Tensor, batch: int = 64) -> di
             x = images[i : i + batch]
             tok = model.encode(x, num_tokens=k)
             rec = model.decode(tok, generator=gen) if model.name == "flextok" else model.decode(tok)
-            mse = ((rec - x) ** 2).mean((1, 2, 3)).clamp_min(1e-10)
-            vals.append(-10 * torch.log10(mse))
+            if weight is None:
+                mse = ((rec - x) ** 2).mean((1, 2, 3))
+            else:
+                w = weight[i : i + batch]
+                mse = ((rec - x) ** 2 * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(1e-12)
+            vals.append(-10 * torch.log10(mse.clamp_min(1e-10)))
         out[k] = float(torch.cat(vals).mean())
     model.train(was_training)
     return out
 
 
 DATA = ("synthetic", "shapes", "shapes_dense")
+_VARIANT = {"shapes": "base", "shapes_dense": "dense"}
 
 
-def shapes_batch(step: int, batch_size: int, size: int = 32, seed: int = 0, variant: str = "base") -> torch.Tensor:
+def shapes_batch(
+    step: int, batch_size: int, size: int = 32, seed: int = 0, variant: str = "base", masks: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Training batch `step` of vtc-shapes scenes (training seeds: seed·10⁷ + 4·10⁶ + i, disjoint from every
     benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`. `variant="dense"`:
-    the crowded scenes (12-18 objects, 2-4 letters), whose objects weigh enough in a pixel loss to be encoded."""
+    the crowded scenes (12-18 objects, 2-4 letters). `masks=True` also returns `[B, 1, S, S]`: the share of each
+    pixel covered by an object or letter tag (area-downscaled from the scene's pixel map)."""
     import cv2
 
     from vtc.eval.benchmarks import shapes as S
 
     start = seed * 10**7 + 4 * 10**6 + step * batch_size
-    imgs = [cv2.resize(S.make_scene(start + i, variant).render(), (size, size), interpolation=cv2.INTER_AREA)
-            for i in range(batch_size)]  # fmt: skip
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+    scenes = [S.make_scene(start + i, variant) for i in range(batch_size)]
+    imgs = [cv2.resize(sc.render(), (size, size), interpolation=cv2.INTER_AREA) for sc in scenes]
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+    if not masks:
+        return x
+    cover = [
+        cv2.resize((sc.pixel_map() > 0).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        for sc in scenes
+    ]
+    return x, torch.from_numpy(np.stack(cover))[:, None]
 
 
 def train_tokenizer(
@@ -138,6 +156,7 @@ def train_tokenizer(
     tail_dropout: bool = True,
     eval_images: int = 256,
     data: str = "synthetic",
+    object_weight: float = 0.0,
     config: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -147,6 +166,8 @@ def train_tokenizer(
     `data`: "synthetic" (procedural images from flat to noise, `vtc.tokenizers.data`), "shapes" or "shapes_dense"
     (vtc-shapes scenes at the tokenizer's size: the tokens a VLM bridge on that benchmark needs, `vtc train bridge`;
     on benchmark scenes the objects are so few pixels that an MSE-trained tokenizer learns the background only).
+    `object_weight` (shapes data only): each pixel's reconstruction loss weighs 1 + object_weight * (its share
+    covered by an object or letter tag), so that the objects, ~5% of a scene's pixels, are what the tokens encode.
     Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
     """
     if minutes is None and steps is None:
@@ -157,6 +178,11 @@ def train_tokenizer(
         raise ValueError(f"threads={threads} must be >= 1")
     if data not in DATA:
         raise ValueError(f"data={data!r} is not one of {DATA}")
+    if not object_weight >= 0 or (object_weight > 0 and data == "synthetic"):
+        raise ValueError(
+            f"object_weight={object_weight} must be >= 0, and > 0 only with data='shapes' or 'shapes_dense' "
+            "(the synthetic images have no object masks)"
+        )
     out = Path(out_dir) if out_dir is not None else default_out_dir(name, tail_dropout)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(threads)
@@ -180,6 +206,11 @@ def train_tokenizer(
         start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
         if state.get("data", "synthetic") != data:
             raise ValueError(f"{ckpt} was trained on data={state.get('data', 'synthetic')!r}, not {data!r}")
+        if float(state.get("object_weight", 0.0)) != object_weight:
+            raise ValueError(
+                f"{ckpt} was trained with object_weight={state.get('object_weight', 0.0)}, not {object_weight}; "
+                "pass the same --object-weight or use another --out"
+            )
         if (state.get("seed", seed), state.get("batch_size", batch_size)) != (seed, batch_size):
             say(f"[{name}] resuming with the checkpoint's seed={state['seed']}, batch_size={state['batch_size']}")
             seed, batch_size = int(state["seed"]), int(state["batch_size"])
@@ -205,11 +236,15 @@ def train_tokenizer(
     while (total is None or step < total) and (deadline is None or time.monotonic() < deadline):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1))
+        weight = None
         if data == "synthetic":
             x = synthetic_batch(step, batch_size, c.image_size, seed)
+        elif object_weight > 0:
+            x, cover = shapes_batch(step, batch_size, c.image_size, seed, _VARIANT[data], masks=True)
+            weight = 1 + object_weight * cover
         else:
-            x = shapes_batch(step, batch_size, c.image_size, seed, "dense" if data == "shapes_dense" else "base")
-        loss, logs = model.training_loss(x)
+            x = shapes_batch(step, batch_size, c.image_size, seed, _VARIANT[data])
+        loss, logs = model.training_loss(x, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -237,13 +272,13 @@ def train_tokenizer(
                 opt,
                 step,
                 elapsed_before + time.monotonic() - t0,
-                {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data},
+                {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight},
             )
     run_s = time.monotonic() - t0
     if step > start_step:
         save_checkpoint(
             out, model, opt, step, elapsed_before + run_s,
-            {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data},
+            {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight},
         )  # fmt: skip
     model.eval()
     model.save_pretrained(out)
@@ -256,13 +291,16 @@ def train_tokenizer(
         "last": last_logs,
         "out": str(out),
     }
-    if eval_images > 0:
+    if eval_images > 0 and data == "synthetic":
         held_out, _ = synthetic_images(eval_images, c.image_size, seed=seed + 10_000)
         summary["psnr_by_tokens"] = prefix_psnr(model, held_out)
-        say(
-            f"[{name}] held-out PSNR by tokens: "
-            + ", ".join(f"{k}: {v:.2f}" for k, v in summary["psnr_by_tokens"].items())
-        )
+    elif eval_images > 0:  # held-out scenes (seed + 99: a training range no run of seed <= 98 uses), and their objects
+        held_out, cover = shapes_batch(0, eval_images, c.image_size, seed + 99, _VARIANT[data], masks=True)
+        summary["psnr_by_tokens"] = prefix_psnr(model, held_out)
+        summary["object_psnr_by_tokens"] = prefix_psnr(model, held_out, weight=cover)
+    for key in ("psnr_by_tokens", "object_psnr_by_tokens"):
+        if key in summary:
+            say(f"[{name}] held-out {key}: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary[key].items()))
     (out / "eval.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
@@ -295,6 +333,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--eval-images", type=int, default=256, help="held-out images for the final PSNR curve (0 = skip)")
     p.add_argument("--no-tail-dropout", action="store_true", help="ablation: always train on all K tokens")
     p.add_argument("--data", choices=DATA, default="synthetic", help="training images (shapes: for a VLM bridge)")
+    p.add_argument(
+        "--object-weight",
+        type=float,
+        default=0.0,
+        help="shapes data: extra loss weight of object pixels (a pixel weighs 1 + this x its object cover)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -329,6 +373,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         tail_dropout=not args.no_tail_dropout,
         eval_images=args.eval_images,
         data=args.data,
+        object_weight=args.object_weight,
         config=config,
     )
 
