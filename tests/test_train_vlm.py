@@ -194,6 +194,28 @@ def test_smoke_run_resumes_and_exports(tmp_path):
         vlm.train_vlm(other, out, log=lambda *_: None)
     with pytest.raises(ValueError, match="pass --rope-theta 10000"):
         vlm.export_checkpoint(other, out, log=lambda *_: None)
+    # the LLM stage records its settings: going on with another loss weight or schedule is refused
+    with pytest.raises(
+        ValueError, match=r"trained with question_sup=0, but this run asks for 0.5; pass --question-sup 0"
+    ):
+        vlm.train_vlm(vlm.TrainConfig(**{**vars(cfg), "question_sup": 0.5}), out, log=lambda *_: None)
+    with pytest.raises(ValueError, match="trained with lm_steps=2, but this run asks for 3"):
+        vlm.train_vlm(vlm.TrainConfig(**{**vars(cfg), "lm_steps": 3}), out, log=lambda *_: None)
+    # a checkpoint from before settings were recorded had no question loss
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    state = old / "work" / "state.safetensors"
+    with safe_open(str(state), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["settings"]
+    save_file(tensors, str(state), metadata={"meta": json.dumps(meta)})
+    vlm.train_vlm(cfg, old, log=lambda *_: None)  # Qwen2-VL's default (0) matches: nothing to do
+    with pytest.raises(ValueError, match="question_sup=0, but this run asks for 1"):
+        vlm.train_vlm(vlm.TrainConfig(**{**vars(cfg), "question_sup": 1.0}), old, log=lambda *_: None)
     # its scenes are those of --seed 0: going on with another seed would ask questions of other scenes
     with pytest.raises(ValueError, match="holds the scenes of --seed 0, but this run asks for --seed 1"):
         vlm.train_vlm(vlm.TrainConfig(**{**vars(cfg), "seed": 1}), out, log=lambda *_: None)

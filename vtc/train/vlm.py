@@ -313,6 +313,27 @@ def check_rope_theta(meta: dict, cfg: TrainConfig, ckpt: Path) -> None:
         )
 
 
+LM_SETTINGS = ("lm_steps", "lm_batch", "lm_lr", "qa_per_image", "attn_sup", "question_sup", "rel_sup", "count_sup")
+LM_BEFORE_RECORDED = {"question_sup": 0.0}  # LLM-stage checkpoints written before settings were recorded had these
+
+
+def lm_settings(cfg: TrainConfig) -> dict[str, float]:
+    return {k: float(getattr(cfg, k)) for k in LM_SETTINGS}
+
+
+def check_lm_settings(meta: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    """An LLM stage resumes with the settings it started with: a different loss weight, step count (the learning-rate
+    schedule) or batch mid-run would train a model no single recipe describes. Unrecorded ones (older
+    checkpoints) are taken from `LM_BEFORE_RECORDED` or not checked."""
+    saved = {**LM_BEFORE_RECORDED, **meta.get("settings", {})}
+    for k, want in lm_settings(cfg).items():
+        if k in saved and float(saved[k]) != want:
+            raise ValueError(
+                f"{ckpt} is mid-way through an LLM stage trained with {k}={saved[k]:g}, but this run asks for "
+                f"{want:g}; pass --{k.replace('_', '-')} {saved[k]:g} to resume it, or use another --out"
+            )
+
+
 def grid_positions(grid: int) -> Tensor:
     """[G*G, 2] (row, column) of every cell of a `grid` x `grid` raster, scaled to [0, 1]."""
     rows = torch.arange(grid).repeat_interleave(grid).float() / (grid - 1)
@@ -784,6 +805,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     opt3 = torch.optim.AdamW(lm_params + extra, lr=cfg.lm_lr, weight_decay=0.01)
     if meta["stage"] == "lm" and meta["step"] > 0:
         meta = load_state(ckpt, modules, opt3)
+        check_lm_settings(meta, cfg, ckpt)
     n_tok = feats_all.shape[1]
     prefix = image_prefix(cfg.family, n_tok)
     use_aux = cfg.family == "qwen2_vl"
@@ -863,7 +885,8 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
             record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
-            save_state(ckpt, modules, opt3, {"stage": "lm", "step": step + 1, "rope_theta": cfg.rope_theta})
+            state_meta = {"stage": "lm", "step": step + 1, "rope_theta": cfg.rope_theta, "settings": lm_settings(cfg)}
+            save_state(ckpt, modules, opt3, state_meta)
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
             acc = quick_val(model, processor, cfg, tok)
             log(f"val {step + 1}: {acc}")
