@@ -205,3 +205,81 @@ def test_vtc_eval_runs_the_karl_bridge_with_its_own_lengths(tmp_path):
     assert rows[("random", "6")]["visual_tokens"] == 6
     assert rows[("prefix", "6")]["visual_tokens"] == pytest.approx(lengths.clamp(max=6).float().mean().item())
     assert rows[("prefix", "2")]["tflops"] < rows[("prefix", "6")]["tflops"] <= rows[("full", "all")]["tflops"]
+
+
+# ---------------------------------------------------------------------- grounding targets: which tokens draw an object
+@pytest.mark.parametrize("name", ["flextok", "one_d_piece"])
+def test_token_attribution_against_one_ablation_at_a_time(tmp_path, name):
+    tok = vtc.create_tokenizer(name, **TINY).eval()
+    torch.manual_seed(1)
+    for p in tok.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ids_map = torch.zeros(2, 16, 16, dtype=torch.long)
+    ids_map[0, 2:6, 3:9] = 1  # object 0 of image 0
+    ids_map[0, 10:14, 10:12] = 3  # object 2 of image 0 (object 1 is hidden)
+    ids_map[1, 0:16, 0:4] = 2
+    got = bridge.token_attribution(tok, x, ids_map, slots=4)
+    assert got.shape == (2, 8, 4)
+    q = tok.quantizer
+    codes = q.ids_to_codes(torch.arange(q.codebook_size)).float()
+    neutral = int(codes.norm(dim=-1).argmin())
+    for b in range(2):
+        with torch.no_grad():
+            t = tok.encode(x[b : b + 1])
+            base = tok.decode(t)
+        for j in range(8):
+            ids = t.ids.clone()
+            ids[0, j] = neutral
+            with torch.no_grad():
+                change = ((tok.decode(vtc.tokenizers.TokenizedImages(ids)) - base) ** 2).sum(1)[0]  # [S, S]
+            for m in range(4):
+                sel = ids_map[b] == m + 1
+                want = float(change[sel].mean()) if sel.any() else 0.0
+                assert float(got[b, j, m]) == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert float(got[0, :, 1].abs().sum()) == 0 and float(got[0, :, 0].sum()) > 0
+
+
+def test_grounding_tokens_are_the_fewest_reaching_the_share():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        e = torch.rand(8, generator=g) ** 3
+        for k in (1, 3, 8):
+            got = bridge.grounding_tokens(e, k)
+            assert got and all(j < k for j in got)
+            assert float(e[got].sum()) >= 0.5 * float(e[:k].sum()) - 1e-6
+            # no smaller set of the kept tokens reaches the share: the best one of size len(got) - 1 falls short
+            best = float(torch.sort(e[:k], descending=True).values[: len(got) - 1].sum())
+            assert best < 0.5 * float(e[:k].sum())
+    assert bridge.grounding_tokens(torch.zeros(8), 8) == []
+
+
+def test_question_tokens_follow_the_objects_the_question_refers_to():
+    scene = S.make_scene(3 * 10**6 + 5)
+    n = len(scene.objects)
+    att = torch.zeros(8, bridge.SLOTS)
+    for i in range(n):
+        att[i % 8, i] = 1.0  # object i is drawn by token i % 8 alone
+    if scene.letter is not None:
+        att[7, n] = 1.0
+    rng = __import__("numpy").random.default_rng(0)
+    seen = set()
+    for _ in range(200):
+        q, _ = S.ask(scene, S.QTYPES[int(rng.integers(6))], rng) or (None, None)
+        if q is None:
+            continue
+        seen.add(q.split()[0] + q.split()[1])
+        cols = bridge.question_tokens(scene, q, att, 8)
+        ref = scene.referred(q)
+        if q.startswith("where is") and len(ref) == 2:
+            a = " ".join(q.split()[3:5])
+            assert len(cols) == 2
+            assert cols[0] == sorted({1 + i % 8 for i in ref if scene.objects[i].name == a})
+            assert cols[1] == sorted({1 + i % 8 for i in ref if scene.objects[i].name != a})
+        else:
+            want = sorted({1 + (7 if i == n else i % 8) for i in ref})
+            assert cols == [want]
+    assert len(seen) >= 5
+    if scene.letter is not None:  # the tag is drawn by token 7 (column 8), which a 4-token prefix cuts
+        assert bridge.question_tokens(scene, "what letter is written in the image ?", att, 8) == [[8]]
+        assert bridge.question_tokens(scene, "what letter is written in the image ?", att, 4) == [[]]

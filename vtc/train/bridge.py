@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from vtc.eval.benchmarks import shapes as S
-from vtc.tokenizers.base import ASSETS_DIR
+from vtc.tokenizers.base import ASSETS_DIR, TokenizedImages
 from vtc.train import vlm
 
 
@@ -53,7 +53,9 @@ class BridgeConfig:
     qa_per_image: int = 20
     lr: float = 2e-3
     full_prob: float = 0.25  # share of training images that keep all K tokens
-    attn_sup: float = 0.0  # weight of a loss making head 0 of layers 1.. attend to the image from answer rows
+    attn_sup: float = (
+        0.0  # weight of the grounding loss: heads 0 (and 1) of layers 1.. attend to the asked objects' tokens
+    )
     question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
     seed: int = 0
     threads: int = 1
@@ -105,6 +107,78 @@ def tower_latents(model, processor, images: np.ndarray, chunk: int = 256) -> tup
         k = out.last_hidden_state.shape[1]
         lengths.append(out.lengths if out.lengths is not None else torch.full((len(pix),), k))
     return torch.cat(latents), torch.cat(lengths).long()
+
+
+SLOTS = 8  # attribution slots per scene: up to 6 objects (base variant) and the letter tag, by pixel-map id - 1
+
+
+@torch.no_grad()
+def token_attribution(tokenizer, images: Tensor, pixel_ids: Tensor, slots: int = SLOTS) -> Tensor:
+    """`[B, K, slots]`: how much each token draws each object. Entry (b, j, m) is the mean squared change, over the
+    pixels of object m (`pixel_ids [B, S, S]` = m + 1 there, 0 on the background), of image b's reconstruction from
+    all K tokens when token j alone is replaced by the neutral code (the codebook entry nearest zero).
+
+    The latent tokens are global: no token is tied to a place, so this ablation is what says which tokens carry an
+    object (the LM's grounding targets; for the ViT towers they are the object's cells)."""
+    t = tokenizer.encode(images)
+    q = tokenizer.quantizer
+    neutral = int(q.ids_to_codes(torch.arange(q.codebook_size)).float().norm(dim=-1).argmin())
+
+    def decode(ids: Tensor) -> Tensor:
+        extra = {"generator": torch.Generator().manual_seed(0)} if tokenizer.name == "flextok" else {}
+        return tokenizer.decode(TokenizedImages(ids, t.mask), **extra)
+
+    base = decode(t.ids)
+    own = nn.functional.one_hot(pixel_ids.long(), slots + 1)[..., 1:].float()  # [B, S, S, slots]
+    area = own.sum((1, 2)).clamp_min(1)  # [B, slots]
+    out = torch.zeros(images.shape[0], t.ids.shape[1], slots)
+    for j in range(t.ids.shape[1]):
+        ids = t.ids.clone()
+        ids[:, j] = neutral
+        change = (decode(ids) - base).pow(2).sum(1)  # [B, S, S]
+        out[:, j] = torch.einsum("bhw,bhwm->bm", change, own) / area
+    return out
+
+
+def grounding_tokens(effect: Tensor, k: int, share: float = 0.5) -> list[int]:
+    """The fewest of the first `k` tokens whose ablation effects on an object (`effect [K]`) add up to `share` of
+    its effect over those k (largest first); none for an object no kept token draws."""
+    e = effect[:k].float()
+    if float(e.sum()) <= 0:
+        return []
+    order = torch.argsort(e, descending=True)
+    need = int((torch.cumsum(e[order], 0) < share * e.sum()).sum()) + 1
+    return sorted(order[:need].tolist())
+
+
+def question_tokens(scene: S.Scene, question: str, attribution: Tensor, k: int) -> list[list[int]]:
+    """Per supervised head, the sequence columns (token j at 1 + j, after <s>) of the kept tokens that carry the
+    objects `question` is about: head 0 all of them, or for spatial questions head 0 object A's and head 1 object
+    B's (as `vtc train vlm` grounds on object cells). `attribution [K, slots]` is `token_attribution` of the scene."""
+    ids = scene.referred(question)  # object indices; len(objects) = the letter tag
+    if question.startswith("where is") and len(ids) == 2:
+        a = " ".join(question.split()[3:5])
+        first = [i for i in ids if scene.objects[i].name == a]
+        groups = [first, [i for i in ids if i not in first]]
+    else:
+        groups = [ids]
+    return [sorted({1 + j for i in g if i < attribution.shape[1] for j in grounding_tokens(attribution[:, i], k)})
+            for g in groups]  # fmt: skip
+
+
+def attribution_pool(model, processor, images: np.ndarray, seeds: np.ndarray, chunk: int = 128) -> Tensor:
+    """`token_attribution` `[n, K, SLOTS]` of the pool's scenes as the tower sees them (the processor's pixels)."""
+    import cv2
+
+    tokenizer = model.model.vision_tower.tokenizer.eval()
+    side = tokenizer.config.image_size
+    out = []
+    for i in range(0, len(images), chunk):
+        pix = processor.image_processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
+        maps = [cv2.resize(S.make_scene(int(sd)).pixel_map(), (side, side), interpolation=cv2.INTER_NEAREST)
+                for sd in seeds[i : i + chunk]]  # fmt: skip
+        out.append(token_attribution(tokenizer, pix.float().clamp(0, 1), torch.from_numpy(np.stack(maps))))
+    return torch.cat(out)
 
 
 def prefix_batch(
@@ -182,15 +256,18 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     cache = work / "latents.safetensors"
     from safetensors.torch import load_file, save_file
 
-    if cache.exists():
-        z = load_file(str(cache))
-        latents, lengths = z["latents"], z["lengths"]
-    else:
+    z = load_file(str(cache)) if cache.exists() else {}
+    if not z or (cfg.attn_sup > 0 and "attribution" not in z):
         t0 = time.time()
         images, _ = vlm.render_pool(cfg.pool, 4, seed0=seed0, workers=cfg.threads)
-        latents, lengths = tower_latents(model, processor, images)
-        save_file({"latents": latents, "lengths": lengths}, str(cache))
-        log(f"latent tokens of {cfg.pool} scenes {tuple(latents.shape)} in {time.time() - t0:.0f}s")
+        if not z:
+            z["latents"], z["lengths"] = tower_latents(model, processor, images)
+            log(f"latent tokens of {cfg.pool} scenes {tuple(z['latents'].shape)} in {time.time() - t0:.0f}s")
+        if cfg.attn_sup > 0:
+            z["attribution"] = attribution_pool(model, processor, images, seeds)
+            log(f"token attribution of {cfg.pool} scenes in {time.time() - t0:.0f}s")
+        save_file(z, str(cache))
+    latents = z["latents"]
     n_tok = latents.shape[1]
     for p in model.model.vision_tower.parameters():
         p.requires_grad_(False)
@@ -210,7 +287,8 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         r = np.random.default_rng(cfg.seed * 15485863 + step)
         idx = r.integers(0, cfg.pool, cfg.batch)
         ks = [n_tok if r.random() < cfg.full_prob else int(r.integers(1, n_tok + 1)) for _ in idx]
-        turns = [vlm.make_turns(int(seeds[i]), cfg.qa_per_image, r)[1] for i in idx]
+        made = [vlm.make_turns(int(seeds[i]), cfg.qa_per_image, r) for i in idx]
+        turns = [t for _, t in made]
         for g in opt.param_groups:
             g["lr"] = vlm.lr_at(step, cfg.steps, cfg.lr)
         rows: list[list[int]] = []
@@ -228,8 +306,13 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
                     for t, st in zip(turns, starts, strict=True)
                 ]
                 q_ground = vlm.grounding_loss(layer0, rows, q_cols, spread=True)
-            image_cols = [[[list(range(1, 1 + k))] for _ in rs] for k, rs in zip(ks, rows, strict=True)]
-            ground = vlm.grounding_loss(capture.store, rows, image_cols) if cfg.attn_sup > 0 else torch.zeros(())
+            ground = torch.zeros(())
+            if cfg.attn_sup > 0:  # answer rows attend to the kept tokens that draw the asked objects
+                targets = [
+                    [question_tokens(scene, q, z["attribution"][i], k) for q, _ in t]
+                    for (scene, t), i, k in zip(made, idx, ks, strict=True)
+                ]
+                ground = vlm.grounding_loss(capture.store, rows, targets)
         opt.zero_grad(set_to_none=True)
         (loss + cfg.attn_sup * ground + cfg.question_sup * q_ground).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
