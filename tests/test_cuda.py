@@ -167,7 +167,7 @@ def test_tokenizer_on_cuda_matches_cpu(name):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_training_on_the_device_resumes_on_the_cpu(tmp_path, family):
+def test_training_on_the_device_resumes_on_the_cpu(tmp_path, family, monkeypatch):
     """`vtc train vlm --device cuda`: every stage runs there, and its checkpoint (weights and optimiser moments,
     saved from the device) resumes on the CPU."""
     import dataclasses
@@ -175,11 +175,39 @@ def test_training_on_the_device_resumes_on_the_cpu(tmp_path, family):
 
     from vtc.train import vlm
 
-    cfg = vlm.TrainConfig(family=family, pool=8, dense_pool=4, dense_steps=2, dense_batch=2, lm_steps=1, lm_batch=2,
+    cfg = vlm.TrainConfig(family=family, pool=8, dense_pool=4, dense_steps=2, dense_batch=2, lm_steps=2, lm_batch=2,
                           qa_per_image=2, val_per_type=1, threads=1, checkpoint_every=1, device=str(CUDA))  # fmt: skip
-    vlm.train_vlm(cfg, tmp_path, log=lambda *_: None)
-    vlm.train_vlm(dataclasses.replace(cfg, lm_steps=2, device="cpu"), tmp_path, log=lambda *_: None)
+    real_save = vlm.save_state
+
+    def save_then_stop(path, modules, opt, meta):  # the run is killed after its first LLM step's checkpoint
+        real_save(path, modules, opt, meta)
+        if meta.get("stage") == "lm" and meta.get("step") == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        vlm.train_vlm(cfg, tmp_path, log=lambda *_: None)
+    monkeypatch.setattr(vlm, "save_state", real_save)
+    vlm.train_vlm(dataclasses.replace(cfg, device="cpu"), tmp_path, log=lambda *_: None)
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     steps = [(r["stage"], r["step"]) for r in log if r["stage"] in ("dense", "lm", "val")]
-    assert steps == [("dense", 0), ("lm", 0), ("val", 1), ("val", 2)], steps
+    assert steps == [("dense", 0), ("lm", 0), ("val", 2)], steps  # LLM step 0 on the device, step 1 on the CPU
     assert all(math.isfinite(r["loss"]) for r in log if r["stage"] == "lm")
+
+
+def test_tokenizer_training_on_the_device_resumes_on_the_cpu(tmp_path):
+    """`vtc train tokenizer --device cuda` with object weights: the checkpoint written from the device resumes on
+    the CPU, and the model it saves loads there."""
+    from test_tokenizers import TINY
+
+    from vtc.train import tokenizer as train_mod
+
+    kw = dict(
+        batch_size=2, data="shapes", object_weight=10.0, eval_images=4, save_every=1, config=dict(TINY), log=None
+    )
+    out = train_mod.train_tokenizer("flextok", tmp_path, steps=2, device=str(CUDA), **kw)
+    assert out["device"].startswith(CUDA.type) and set(out["object_psnr_by_tokens"]) == {1, 2, 4, 8}
+    out = train_mod.train_tokenizer("flextok", tmp_path, steps=3, device="cpu", **kw)
+    assert out["steps"] == 3 and out["steps_this_run"] == 1 and out["device"] == "cpu"
+    assert math.isfinite(out["last"]["loss"])
+    vtc.create_tokenizer("flextok", pretrained=tmp_path)

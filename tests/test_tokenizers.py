@@ -581,6 +581,9 @@ def test_shapes_masks_are_the_downscaled_object_pixels(tmp_path):
         train_mod.train_tokenizer("flextok", tmp_path, steps=3, data="shapes", config=dict(TINY), log=None)
     with pytest.raises(ValueError, match="only with data='shapes'"):
         train_mod.train_tokenizer("flextok", tmp_path / "s", steps=1, object_weight=5.0, log=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but torch sees no CUDA device; use device='cpu'"):
+            train_mod.train_tokenizer("flextok", tmp_path / "c", steps=1, device="cuda", log=None)
 
 
 # ---------------------------------------------------------------------------------------------- data

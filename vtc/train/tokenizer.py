@@ -67,7 +67,10 @@ def save_checkpoint(
     model.save_pretrained(tmp)
     tensors, meta = _optimizer_tensors(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    rng = {"torch_rng": torch.get_rng_state()}
+    if next(model.parameters()).is_cuda:
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
     state = {"step": step, "elapsed_s": elapsed, "optimizer": meta, **extra}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1) + "\n")
     final = out / CKPT
@@ -92,19 +95,20 @@ def prefix_psnr(
     was_training = model.training
     model.eval()
     out = {}
-    gen = torch.Generator().manual_seed(0)
+    dev = next(model.parameters()).device
+    gen = torch.Generator(device=dev).manual_seed(0)
     for k in ks:
         vals = []
         for i in range(0, images.shape[0], batch):
-            x = images[i : i + batch]
+            x = images[i : i + batch].to(dev)
             tok = model.encode(x, num_tokens=k)
             rec = model.decode(tok, generator=gen) if model.name == "flextok" else model.decode(tok)
             if weight is None:
                 mse = ((rec - x) ** 2).mean((1, 2, 3))
             else:
-                w = weight[i : i + batch]
+                w = weight[i : i + batch].to(dev)
                 mse = ((rec - x) ** 2 * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * x.shape[1]).clamp_min(1e-12)
-            vals.append(-10 * torch.log10(mse.clamp_min(1e-10)))
+            vals.append(-10 * torch.log10(mse.clamp_min(1e-10)).cpu())
         out[k] = float(torch.cat(vals).mean())
     model.train(was_training)
     return out
@@ -157,6 +161,7 @@ def train_tokenizer(
     eval_images: int = 256,
     data: str = "synthetic",
     object_weight: float = 0.0,
+    device: str = "cpu",
     config: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -168,6 +173,8 @@ def train_tokenizer(
     on benchmark scenes the objects are so few pixels that an MSE-trained tokenizer learns the background only).
     `object_weight` (shapes data only): each pixel's reconstruction loss weighs 1 + object_weight * (its share
     covered by an object or letter tag), so that the objects, ~5% of a scene's pixels, are what the tokens encode.
+    `device`: "cpu" or "cuda" (checkpoints are written on the CPU side and resume on either; bit-for-bit
+    resumption holds on the same device).
     Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
     """
     if minutes is None and steps is None:
@@ -178,6 +185,9 @@ def train_tokenizer(
         raise ValueError(f"threads={threads} must be >= 1")
     if data not in DATA:
         raise ValueError(f"data={data!r} is not one of {DATA}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu' (--device cpu)")
     if not object_weight >= 0 or (object_weight > 0 and data == "synthetic"):
         raise ValueError(
             f"object_weight={object_weight} must be >= 0, and > 0 only with data='shapes' or 'shapes_dense' "
@@ -201,7 +211,7 @@ def train_tokenizer(
                 raise ValueError(
                     f"{ckpt} was trained with {k}={sv!r}, not {v!r}; use another --out or delete the checkpoint"
                 )
-        model.train()
+        model.to(dev).train()
         state = json.loads((ckpt / "trainer_state.json").read_text())
         start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
         if state.get("data", "synthetic") != data:
@@ -216,12 +226,15 @@ def train_tokenizer(
             seed, batch_size = int(state["seed"]), int(state["batch_size"])
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
         _load_optimizer(opt, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
-        torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch_rng"])
+        rng = load_file(str(ckpt / "rng.safetensors"))
+        torch.set_rng_state(rng["torch_rng"])
+        if dev.type == "cuda" and "cuda_rng" in rng:
+            torch.cuda.set_rng_state(rng["cuda_rng"])
         say(f"[{name}] resumed from {ckpt} at step {start_step}")
     else:
         torch.manual_seed(seed)
         model = create_tokenizer(name, **cfg)
-        model.train()
+        model.to(dev).train()
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
         say(f"[{name}] new model, {model.num_params() / 1e6:.2f}M params, config {model.config.to_dict()}")
 
@@ -244,6 +257,7 @@ def train_tokenizer(
             weight = 1 + object_weight * cover
         else:
             x = shapes_batch(step, batch_size, c.image_size, seed, _VARIANT[data])
+        x, weight = x.to(dev), None if weight is None else weight.to(dev)
         loss, logs = model.training_loss(x, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -288,6 +302,7 @@ def train_tokenizer(
         "steps_this_run": step - start_step,
         "s_per_step": run_s / max(step - start_step, 1),
         "threads": threads,
+        "device": str(dev),
         "last": last_logs,
         "out": str(out),
     }
@@ -325,6 +340,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run")
     p.add_argument("--steps", type=int, default=None, help="total steps (counting resumed ones)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (use the number of free cores)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -374,6 +390,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         eval_images=args.eval_images,
         data=args.data,
         object_weight=args.object_weight,
+        device=args.device,
         config=config,
     )
 
