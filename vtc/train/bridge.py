@@ -5,19 +5,26 @@
     vtc train bridge karl        --out assets/tiny-karl-llava-shapes --error 0.08
 
 The model is a stock `LlavaForConditionalGeneration`: the frozen, trained tokenizer (`assets/tokenizers/NAME`) is
-its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K latent tokens of a 32-px view of the image),
-then the LLaVA MLP projector and the same Llama LM as `vtc train vlm llava`. The projector and LM learn from
+its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K latent tokens of the image at its size), then
+the LLaVA MLP projector and the same Llama LM as `vtc train vlm llava`. The projector and LM learn from
 multi-turn vtc-shapes QA on **random prefix lengths** (as TokenFLEX, arXiv 2504.03154, and MQT-LLaVA, arXiv
 2405.19315, train for a variable number of visual tokens): each training image keeps its first k tokens, k uniform in
 1..K, or all K with probability `full_prob`. The `prefix` reducer then truncates the sequence at evaluation, and
 KARL's tower reports the length it picks per image for `--error`.
 
-Measured on the shipped 32-px FlexTok: answer-only training ignored the image (0.32-0.35 validation accuracy, the
-same at k = 8 and 32; 1 300 steps on FSQ codes, 600 on the latents), and so did 900 steps with `--attn-sup 1`, a
-grounding loss that makes head 0 of each layer >= 1 attend from every answer row to the image's tokens (all kept
-ones: the latents are global, there is no object-to-token map): the attention went there at once and the image
-tokens became a constant sink (p(yes) 0.506 for every image). The tokenizer's latents hold little about 2-4 px
-objects (an MLP probe reads the colours present at 0.74, chance 0.51); see the README for what is left to try.
+Grounding (`attn_sup`, default 1): the latent tokens are global, so which tokens carry an object is measured, not
+given: `token_attribution` replaces one token at a time by the neutral code and records how much each object's
+pixels change in the reconstruction; an object's targets are the fewest kept tokens holding half of that change
+(mostly one or two tokens per object on the 96-px FlexTok below). Heads 0 (and 1, for spatial questions' second
+object) of layers 1.. must attend from each answer row to them, as `vtc train vlm` grounds on object cells;
+`question_sup` is `vtc train vlm`'s layer-0 question loss.
+
+Measured (one run each, 3 000 steps, 600 test questions, README): on a FlexTok trained on benchmark scenes at 96 px
+with object-weighted pixels (`vtc train tokenizer flextok --data shapes --object-weight 30`), which encodes each
+object's colour and place but not its shape, the bridge reaches 0.388 with the grounding (colour 0.50, shape 0.25 =
+chance, text 0.08) and 0.312 without (colour 0.18: the answer prior). On the 32-px FlexTok trained on synthetic
+images, answer-only training stayed at 0.32-0.35, and a grounding loss on every kept token (this option's first
+form) made the image tokens a constant sink. What is missing is a tokenizer that encodes the shapes and letters.
 
 Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
 `vtc.tokenizers.tower`); the latents of the training pool are computed once (the tower is frozen); for KARL they
