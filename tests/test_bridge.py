@@ -185,6 +185,18 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
 
 
+def test_bridge_losses_are_on_by_default_and_off_when_asked(tmp_path):
+    from safetensors.torch import load_file
+
+    assert (bridge.BridgeConfig().attn_sup, bridge.BridgeConfig().question_sup) == (1.0, 1.0)
+    kw = dict(pool=8, steps=2, batch=2, qa_per_image=2, val_every=2, val_per_type=1, attn_sup=0.0, question_sup=0.0)
+    _, cfg = _bridge(tmp_path, "flextok", **kw)
+    bridge.train_bridge(cfg, tmp_path / "off", log=lambda *_: None)
+    assert set(load_file(str(tmp_path / "off" / "work" / "latents.safetensors"))) == {"latents", "lengths"}
+    log = [json.loads(x) for x in (tmp_path / "off" / "work" / "log.jsonl").read_text().splitlines()]
+    assert all(r["ground"] == 0 and r["qground"] == 0 for r in log if r["stage"] == "lm")
+
+
 def test_vtc_eval_runs_the_karl_bridge_with_its_own_lengths(tmp_path):
     from vtc.eval import harness
 

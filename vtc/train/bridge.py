@@ -60,9 +60,7 @@ class BridgeConfig:
     qa_per_image: int = 20
     lr: float = 2e-3
     full_prob: float = 0.25  # share of training images that keep all K tokens
-    attn_sup: float = (
-        0.0  # weight of the grounding loss: heads 0 (and 1) of layers 1.. attend to the asked objects' tokens
-    )
+    attn_sup: float = 1.0  # grounding loss weight: heads 0 (and 1) of layers 1.. attend to the asked objects' tokens
     question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
     seed: int = 0
     threads: int = 1
