@@ -329,7 +329,7 @@ def check_lm_settings(meta: dict, cfg: TrainConfig, ckpt: Path) -> None:
     for k, want in lm_settings(cfg).items():
         if k in saved and float(saved[k]) != want:
             raise ValueError(
-                f"{ckpt} is mid-way through an LLM stage trained with {k}={saved[k]:g}, but this run asks for "
+                f"{ckpt} holds an LLM stage trained with {k}={saved[k]:g}, but this run asks for "
                 f"{want:g}; pass --{k.replace('_', '-')} {saved[k]:g} to resume it, or use another --out"
             )
 
