@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -183,6 +184,8 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert [r["step"] for r in log if r["stage"] == "lm"] == [0]  # step 0 logged once, not again on resume
     assert all(r["qground"] > 0 and r["ground"] > 0 for r in log if r["stage"] == "lm")  # both losses on
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
+    with pytest.raises(ValueError, match="trained with attn_sup=1, but this run asks for 0; pass --attn-sup 1"):
+        bridge.train_bridge(dataclasses.replace(cfg, attn_sup=0.0), tmp_path / "b", log=lambda *_: None)
 
 
 def test_bridge_losses_are_on_by_default_and_off_when_asked(tmp_path):

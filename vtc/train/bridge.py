@@ -29,7 +29,8 @@ form) made the image tokens a constant sink. What is missing is a tokenizer that
 Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
 `vtc.tokenizers.tower`); the latents of the training pool are computed once (the tower is frozen); for KARL they
 are computed with the error condition used at evaluation, so training and evaluation see the same latents.
-Checkpoints are safetensors and a killed run resumes where it stopped.
+Checkpoints are safetensors and a killed run resumes where it stopped, with the settings it started with (a run
+asking for other ones is refused).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ class BridgeConfig:
     checkpoint_every: int = 100
     val_every: int = 500
     val_per_type: int = 40
+
+
+BRIDGE_SETTINGS = ("pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "seed")
 
 
 def build_bridge(cfg: BridgeConfig):
@@ -279,7 +283,17 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ckpt = work / "state.safetensors"
-    start = vlm.load_state(ckpt, {"model": model}, opt)["step"] if ckpt.exists() else 0
+    settings = {k: float(getattr(cfg, k)) for k in BRIDGE_SETTINGS}
+    start = 0
+    if ckpt.exists():
+        meta = vlm.load_state(ckpt, {"model": model}, opt)
+        start = meta["step"]
+        for k, v in meta.get("settings", {}).items():  # a run goes on with the recipe it started with
+            if k in settings and float(v) != settings[k]:
+                raise ValueError(
+                    f"{ckpt} was trained with {k}={v:g}, but this run asks for {settings[k]:g}; "
+                    f"pass --{k.replace('_', '-')} {v:g} to resume it, or use another --out"
+                )
     if start:
         log(f"resuming at step {start}")
     layers = model.model.language_model.layers
@@ -331,7 +345,7 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
             )
             record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1})
+            vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1, "settings": settings})
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             acc = bridge_val(model, processor, tok, cfg, (n_tok, max(1, n_tok // 4)))
             log(f"val {step + 1}: {acc}")
