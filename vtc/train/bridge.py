@@ -164,15 +164,8 @@ def question_tokens(scene: S.Scene, question: str, attribution: Tensor, k: int) 
     """Per supervised head, the sequence columns (token j at 1 + j, after <s>) of the kept tokens that carry the
     objects `question` is about: head 0 all of them, or for spatial questions head 0 object A's and head 1 object
     B's (as `vtc train vlm` grounds on object cells). `attribution [K, slots]` is `token_attribution` of the scene."""
-    ids = scene.referred(question)  # object indices; len(objects) = the letter tag
-    if question.startswith("where is") and len(ids) == 2:
-        a = " ".join(question.split()[3:5])
-        first = [i for i in ids if scene.objects[i].name == a]
-        groups = [first, [i for i in ids if i not in first]]
-    else:
-        groups = [ids]
     return [sorted({1 + j for i in g if i < attribution.shape[1] for j in grounding_tokens(attribution[:, i], k)})
-            for g in groups]  # fmt: skip
+            for g in vlm.head_objects(scene, question)]  # fmt: skip
 
 
 def attribution_pool(model, processor, images: np.ndarray, seeds: np.ndarray, chunk: int = 128) -> Tensor:
@@ -283,23 +276,17 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ckpt = work / "state.safetensors"
-    settings = {k: float(getattr(cfg, k)) for k in BRIDGE_SETTINGS}
+    settings = vlm.settings_of(cfg, BRIDGE_SETTINGS)
     start = 0
     if ckpt.exists():
         meta = vlm.load_state(ckpt, {"model": model}, opt)
+        vlm.check_settings(meta, settings, ckpt)  # a run goes on with the recipe it started with
         start = meta["step"]
-        for k, v in meta.get("settings", {}).items():  # a run goes on with the recipe it started with
-            if k in settings and float(v) != settings[k]:
-                raise ValueError(
-                    f"{ckpt} was trained with {k}={v:g}, but this run asks for {settings[k]:g}; "
-                    f"pass --{k.replace('_', '-')} {v:g} to resume it, or use another --out"
-                )
     if start:
         log(f"resuming at step {start}")
     layers = model.model.language_model.layers
-    first = 0 if cfg.question_sup > 0 else 1
-    last = len(layers) if cfg.attn_sup > 0 else first + 1 if cfg.question_sup > 0 else first
-    capture = vlm.AttentionCapture({i: layers[i].self_attn for i in range(first, last)})
+    supervised = ([0] if cfg.question_sup > 0 else []) + (list(range(1, len(layers))) if cfg.attn_sup > 0 else [])
+    capture = vlm.AttentionCapture({i: layers[i].self_attn for i in supervised})
     model.train()
     t0 = time.time()
     for step in range(start, cfg.steps):

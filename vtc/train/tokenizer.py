@@ -239,6 +239,7 @@ def train_tokenizer(
         say(f"[{name}] new model, {model.num_params() / 1e6:.2f}M params, config {model.config.to_dict()}")
 
     c = model.config
+    run_state = {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight}
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     total = steps if steps is not None else None
     step = start_step
@@ -286,13 +287,13 @@ def train_tokenizer(
                 opt,
                 step,
                 elapsed_before + time.monotonic() - t0,
-                {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight},
+                run_state,
             )
     run_s = time.monotonic() - t0
     if step > start_step:
         save_checkpoint(
             out, model, opt, step, elapsed_before + run_s,
-            {"seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight},
+            run_state,
         )  # fmt: skip
     model.eval()
     model.save_pretrained(out)

@@ -317,20 +317,21 @@ LM_SETTINGS = ("lm_steps", "lm_batch", "lm_lr", "qa_per_image", "attn_sup", "que
 LM_BEFORE_RECORDED = {"question_sup": 0.0}  # LLM-stage checkpoints written before settings were recorded had these
 
 
-def lm_settings(cfg: TrainConfig) -> dict[str, float]:
-    return {k: float(getattr(cfg, k)) for k in LM_SETTINGS}
+def settings_of(cfg: Any, keys: tuple[str, ...]) -> dict[str, float]:
+    """The config fields `keys` as floats: what a checkpoint records of the recipe it was trained with."""
+    return {k: float(getattr(cfg, k)) for k in keys}
 
 
-def check_lm_settings(meta: dict, cfg: TrainConfig, ckpt: Path) -> None:
-    """An LLM stage resumes with the settings it started with: a different loss weight, step count (the learning-rate
-    schedule) or batch mid-run would train a model no single recipe describes. Unrecorded ones (older
-    checkpoints) are taken from `LM_BEFORE_RECORDED` or not checked."""
-    saved = {**LM_BEFORE_RECORDED, **meta.get("settings", {})}
-    for k, want in lm_settings(cfg).items():
+def check_settings(meta: dict, settings: dict[str, float], ckpt: Path, before: dict | None = None) -> None:
+    """A run resumes with the settings it started with: a different loss weight, step count (the learning-rate
+    schedule) or batch mid-run would train a model no single recipe describes. Settings the checkpoint does not
+    record (older ones) are taken from `before`, or not checked."""
+    saved = {**(before or {}), **meta.get("settings", {})}
+    for k, want in settings.items():
         if k in saved and float(saved[k]) != want:
             raise ValueError(
-                f"{ckpt} holds an LLM stage trained with {k}={saved[k]:g}, but this run asks for "
-                f"{want:g}; pass --{k.replace('_', '-')} {saved[k]:g} to resume it, or use another --out"
+                f"{ckpt} was trained with {k}={saved[k]:g}, but this run asks for {want:g}; "
+                f"pass --{k.replace('_', '-')} {saved[k]:g} to resume it, or use another --out"
             )
 
 
@@ -585,26 +586,28 @@ def grounding_loss(
     return torch.cat(losses).mean()
 
 
-def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[list[int]]:
-    """Per supervised head, the sequence columns of the visual tokens it must attend to for `question`.
+def head_objects(scene: S.Scene, question: str) -> list[list[int]]:
+    """Per supervised head, the objects it must attend to for `question` (indices; len(objects) = the letter tag).
 
     One head (0) looks at every object the question refers to, except for spatial questions: there head 0 looks at
     the first object and head 1 at the reference object, so that each reads one position rather than a blend of
     both (the union target left the relation at chance)."""
     ids = scene.referred(question)
     if question.startswith("where is") and len(ids) == 2:
-        w = question.split()
-        a = " ".join(w[3:5])
+        a = " ".join(question.split()[3:5])
         first = [i for i in ids if scene.objects[i].name == a]
-        groups = [first, [i for i in ids if i not in first]]
-    else:
-        groups = [ids]
+        return [first, [i for i in ids if i not in first]]
+    return [ids]
+
+
+def target_columns(scene: S.Scene, question: str, grid: int, offset: int, omap: np.ndarray) -> list[list[int]]:
+    """Per supervised head (`head_objects`), the sequence columns of the visual tokens it must attend to."""
 
     def cols(group: list[int]) -> list[int]:
         cells = np.flatnonzero(np.isin(omap.ravel(), np.array(group) + 1)) if group else []
         return [offset + int(c) for c in cells]
 
-    return [cols(g) for g in groups]
+    return [cols(g) for g in head_objects(scene, question)]
 
 
 ATTRIBUTE_WORDS = frozenset(S.COLOURS) | frozenset(S.SHAPES) | frozenset(S.PLURAL.values())
@@ -803,9 +806,10 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
     # appended last, in the order they were introduced: older checkpoints keep their optimiser indices
     extra = list(aux.parameters()) + list(rel.parameters()) + list(cnt.parameters())
     opt3 = torch.optim.AdamW(lm_params + extra, lr=cfg.lm_lr, weight_decay=0.01)
+    lm_recipe = settings_of(cfg, LM_SETTINGS)
     if meta["stage"] == "lm" and meta["step"] > 0:
         meta = load_state(ckpt, modules, opt3)
-        check_lm_settings(meta, cfg, ckpt)
+        check_settings(meta, lm_recipe, ckpt, LM_BEFORE_RECORDED)
     n_tok = feats_all.shape[1]
     prefix = image_prefix(cfg.family, n_tok)
     use_aux = cfg.family == "qwen2_vl"
@@ -885,7 +889,7 @@ def train_vlm(cfg: TrainConfig, out: str | Path, log=print) -> Path:
             log(f"lm {step}/{cfg.lm_steps} {shown} {time.time() - t0:.0f}s")
             record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.lm_steps:
-            state_meta = {"stage": "lm", "step": step + 1, "rope_theta": cfg.rope_theta, "settings": lm_settings(cfg)}
+            state_meta = {"stage": "lm", "step": step + 1, "rope_theta": cfg.rope_theta, "settings": lm_recipe}
             save_state(ckpt, modules, opt3, state_meta)
         if (step + 1) % 500 == 0 or step + 1 == cfg.lm_steps:
             acc = quick_val(model, processor, cfg, tok)
