@@ -612,3 +612,53 @@ def test_skimage_photos_load():
     x, names = skimage_photos(16, names=("camera", "coffee"), tiles=2)
     assert x.shape == (8, 3, 16, 16) and len(names) == 8 and names[0] == "camera[0,0]"
     assert torch.equal(x[0, 0], x[0, 1])  # grayscale repeated over RGB
+
+
+def test_shapes_pool_is_the_stream_drawn_once_per_epoch(tmp_path):
+    pool = train_mod.ShapesPool(12, 16, seed=1, variant="base", batch_size=4)
+    x, cover = train_mod.shapes_batch(0, 12, size=16, seed=1, masks=True)  # the stream's first 12 scenes
+    assert torch.equal(pool.images.float() / 255, x)
+    assert torch.allclose(pool.cover.float(), cover, atol=1e-3)  # float16 (exact where the cover is k/4, at S/2)
+    epoch0 = torch.cat([pool.indices(s) for s in range(3)])
+    epoch1 = torch.cat([pool.indices(s) for s in range(3, 6)])
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(12))  # each scene once per epoch
+    assert not torch.equal(epoch0, epoch1) and torch.equal(pool.indices(4), pool.indices(4))
+    xb, cb = pool.batch(4)
+    assert torch.equal(xb, x[pool.indices(4)]) and torch.equal(cb, pool.cover[pool.indices(4)].float())
+    with pytest.raises(ValueError, match="pool=10 must be a positive multiple of batch_size=4"):
+        train_mod.ShapesPool(10, 16, seed=1, variant="base", batch_size=4)
+
+    kw = dict(batch_size=4, data="shapes", object_weight=5.0, eval_images=0, save_every=2, config=dict(TINY))
+    train_mod.train_tokenizer("flextok", tmp_path / "a", steps=4, pool=12, lr_schedule="cosine", log=None, **kw)
+
+    def killed_at_step_3(line: str) -> None:  # the run dies after its step-2 checkpoint, mid-schedule
+        if "step 3 " in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train_tokenizer(
+            "flextok", tmp_path / "b", steps=4, pool=12, lr_schedule="cosine", log_every=1, log=killed_at_step_3, **kw
+        )
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    train_mod.train_tokenizer("flextok", tmp_path / "b", steps=4, pool=12, lr_schedule="cosine", log=None, **kw)
+    a = vtc.create_tokenizer("flextok", pretrained=tmp_path / "a").state_dict()
+    b = vtc.create_tokenizer("flextok", pretrained=tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from the pool bit for bit
+    with pytest.raises(ValueError, match=r"pool=12, lr_schedule='cosine' \(steps 4\), not pool=0"):
+        train_mod.train_tokenizer("flextok", tmp_path / "a", steps=6, log=None, **kw)
+    with pytest.raises(ValueError, match=r"\(steps 4\), not pool=12, lr_schedule='cosine' \(steps 6\)"):
+        train_mod.train_tokenizer("flextok", tmp_path / "a", steps=6, pool=12, lr_schedule="cosine", log=None, **kw)
+    with pytest.raises(ValueError, match="'cosine' needs steps"):
+        train_mod.train_tokenizer("flextok", tmp_path / "c", minutes=1, lr_schedule="cosine", log=None)
+    with pytest.raises(ValueError, match="pool=8 must be >= 0, and > 0 only with data='shapes'"):
+        train_mod.train_tokenizer("flextok", tmp_path / "c", steps=1, pool=8, log=None)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
+    lrs = [train_mod.lr_at(s, 1e-3, 10, "cosine", 100) for s in range(100)]
+    assert lrs[:10] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True)) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[54] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90))))
+    assert [train_mod.lr_at(s, 1e-3, 10, "constant", None) for s in (0, 9, 50, 500)] == pytest.approx(
+        [1e-4, 1e-3, 1e-3, 1e-3]
+    )
