@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import vtc
 from vtc.tokenizers import FSQ, TokenizedImages, VectorQuantizer
+from vtc.tokenizers.core import fill_tail, patchify, timestep_embedding
 from vtc.tokenizers.data import COMPLEXITY_LEVELS, synthetic_images
 from vtc.tokenizers.flextok import sample_keep_k
 from vtc.train import tokenizer as train_mod
@@ -662,3 +663,81 @@ def test_cosine_schedule_warms_up_then_decays_to_a_tenth():
     assert [train_mod.lr_at(s, 1e-3, 10, "constant", None) for s in (0, 9, 50, 500)] == pytest.approx(
         [1e-4, 1e-3, 1e-3, 1e-3]
     )
+
+
+# ---------------------------------------------------------------------------------------------- REPA
+@pytest.mark.parametrize("decoder", ["mse", "flow"])
+def test_repa_term_is_one_minus_cosine_to_the_teacher_at_the_captured_block(decoder):
+    tok = tiny("flextok", decoder=decoder, dec_depth=2, repa_dim=5, repa_layer=2, repa_weight=0.7).train()
+    x, n = images(3), (16 // 4) ** 2
+    align = torch.randn(3, n, 5, generator=torch.Generator().manual_seed(2))
+
+    def run(a):
+        torch.manual_seed(9)
+        return tok.training_loss(x, align=a)
+
+    (plain, plain_logs), (total, logs) = run(None), run(align)
+    assert "repa" not in plain_logs and logs["rec"] == pytest.approx(plain_logs["rec"], rel=1e-6)
+    # the hidden states after block 2 by hand (same RNG: same keep mask, noise and t)
+    torch.manual_seed(9)
+    xm = 2 * x - 1  # the model works in [-1, 1]
+    feats = tok.encoder(xm)
+    codes, _, _ = tok.quantize(feats)
+    keep = tok.sample_keep(3, xm.device)
+    dec = tok.decoder
+    if decoder == "mse":
+        h = dec.ln_pre(torch.cat([dec.image_queries.expand(3, -1, -1), dec.latent_sequence(codes, keep)[0]], 1))
+        for blk in dec.blocks[:2]:
+            h = blk(h, None)
+    else:
+        noise = torch.randn_like(xm)
+        t = torch.sigmoid(torch.randn(3))
+        x_t = t[:, None, None, None] * noise + (1 - t[:, None, None, None]) * xm
+        null = torch.rand(3) < tok.config.cond_drop_prob
+        reg = fill_tail(dec.reg_in(codes) + dec.reg_pos[:8], keep, dec.mask_token, 8)
+        reg = reg * (~null).float()[:, None, None]
+        h = torch.cat([dec.patch_in(patchify(x_t, 4)) + dec.pos_embed, reg], 1)
+        c = dec.time_mlp(timestep_embedding(t, h.shape[-1]))
+        for blk in dec.blocks[:2]:
+            h = blk(h, c, n)
+    want = 0.0
+    h = h.detach()
+    for b in range(3):
+        for i in range(n):
+            p = tok.repa_proj(h[b, i]).detach()
+            want += 1 - float(p @ align[b, i] / (p.norm() * align[b, i].norm()))
+    want /= 3 * n
+    assert logs["repa"] == pytest.approx(want, rel=1e-4)
+    assert float(total.detach()) == pytest.approx(float(plain.detach()) + 0.7 * want, rel=1e-4)
+    with pytest.raises(ValueError, match=r"align must be \[B, N, repa_dim\] = \(3, 16, 5\)"):
+        tok.training_loss(x, align=align[:, :4])
+    with pytest.raises(ValueError, match="needs a model built with repa_dim"):
+        tiny("flextok").train().training_loss(x, align=align)
+    with pytest.raises(ValueError, match="repa_layer=3 in 1..dec_depth=2"):
+        tiny("flextok", dec_depth=2, repa_dim=5, repa_layer=3)
+
+
+def test_repa_teacher_features_and_training(tmp_path):
+    from vtc.eval.benchmarks import shapes as S
+    from vtc.eval.harness import resolve_model_path
+
+    teacher_path = resolve_model_path("tiny-qwen2-vl-shapes")
+
+    scenes = [S.make_scene(i).render() for i in range(2)]
+    full, width = train_mod.load_teacher(teacher_path, 12)
+    coarse, _ = train_mod.load_teacher(teacher_path, 6)
+    f12, f6 = full(scenes), coarse(scenes)
+    assert width == 128 and f12.shape == (2, 144, 128) and f6.shape == (2, 36, 128)
+    grid = f12.reshape(2, 12, 12, 128)
+    assert torch.allclose(f6[1, 6 * 2 + 3], grid[1, 4:6, 6:8].mean((0, 1)), atol=1e-5)  # cell (2, 3) pools 2 x 2
+
+    cfg = dict(TINY, image_size=24, dec_depth=2)  # a 6 x 6 patch grid
+    kw = dict(batch_size=4, data="shapes", eval_images=0, pool=8, config=cfg, log=None)
+    train_mod.train_tokenizer("flextok", tmp_path, steps=2, repa_teacher=str(teacher_path), log_every=1, **kw)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(0 < r["repa"] < 2 for r in rows)
+    assert vtc.create_tokenizer("flextok", pretrained=tmp_path).config.repa_dim == 128
+    with pytest.raises(ValueError, match="not None; pass the same --repa-teacher"):
+        train_mod.train_tokenizer("flextok", tmp_path, steps=3, **kw)
+    with pytest.raises(ValueError, match="pass --pool N"):
+        train_mod.train_tokenizer("one_d_piece", tmp_path / "o", steps=1, repa_teacher=str(teacher_path), **kw)

@@ -279,7 +279,9 @@ class PixelDecoder(nn.Module):
             return z[:, :prefix], None
         return z, keep
 
-    def forward(self, codes: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(self, codes: Tensor, keep: Tensor | None = None, capture: int = 0) -> Tensor | tuple[Tensor, Tensor]:
+        """Pixels `[B, 3, H, W]`; with `capture` = l >= 1 also the image queries' hidden states after block l,
+        `[B, N, w]` (what FlexTok's REPA aligns)."""
         b = codes.shape[0]
         z, key_keep = self.latent_sequence(codes, keep)
         if self.sink is not None:
@@ -291,7 +293,10 @@ class PixelDecoder(nn.Module):
         if key_keep is not None:
             keys = torch.cat([torch.ones(b, self.num_patches, dtype=torch.bool, device=codes.device), key_keep], 1)
             mask = keys[:, None, :].expand(b, h.shape[1], -1)  # [B, L, L]: nobody attends to removed tokens
-        for blk in self.blocks:
+        hidden = None
+        for i, blk in enumerate(self.blocks):
             h = blk(h, mask)
-        out = self.head(self.ln_post(h[:, : self.num_patches]))  # [B, N, p*p*3]
-        return unpatchify(out, self.patch_size, self.out_chans)
+            if i + 1 == capture:
+                hidden = h[:, : self.num_patches]  # [B, N, w]
+        out = unpatchify(self.head(self.ln_post(h[:, : self.num_patches])), self.patch_size, self.out_chans)
+        return out if not capture else (out, hidden)

@@ -77,6 +77,9 @@ class FlexTokConfig(TokenizerConfig):
     guidance_scale: float = 1.0  # classifier-free guidance scale at sampling (1 = off)
     cond_drop_prob: float = 0.1  # flow decoder: probability of training the null (all-zero) condition
     pos_embed: str = "sincos"  # patch position embedding: "sincos" (FlexTok) or "learned"
+    repa_dim: int = 0  # REPA: width of the teacher's per-patch features (0 = no REPA projector)
+    repa_layer: int = 1  # REPA: decoder blocks before the hidden states are aligned
+    repa_weight: float = 1.0  # REPA: weight of the alignment loss (when training_loss gets `align`)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +95,13 @@ class FlexTokConfig(TokenizerConfig):
             raise ValueError(f"flow_steps={self.flow_steps} must be >= 1")
         if not 0 <= self.cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob={self.cond_drop_prob} must be in [0, 1)")
+        if self.repa_dim < 0 or (self.repa_dim and not 1 <= self.repa_layer <= self.dec_depth):
+            raise ValueError(
+                f"repa_dim={self.repa_dim} must be >= 0 and repa_layer={self.repa_layer} in 1..dec_depth="
+                f"{self.dec_depth}"
+            )
+        if not self.repa_weight >= 0:
+            raise ValueError(f"repa_weight={self.repa_weight} must be >= 0")
 
 
 class AdaLNBlock(nn.Module):
@@ -150,8 +160,15 @@ class FlowDecoder(nn.Module):
             nn.init.zeros_(m.bias)
 
     def forward(
-        self, x_t: Tensor, t: Tensor, codes: Tensor, keep: Tensor | None = None, null: Tensor | None = None
-    ) -> Tensor:
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        codes: Tensor,
+        keep: Tensor | None = None,
+        null: Tensor | None = None,
+        capture: int = 0,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """v `[B, 3, H, W]`; with `capture` = l >= 1 also the patch rows' hidden states after block l `[B, N, w]`."""
         n = codes.shape[1]
         reg = fill_tail(self.reg_in(codes) + self.reg_pos[:n], keep, self.mask_token, self.num_latents)  # [B, K, w]
         if null is not None:
@@ -159,11 +176,14 @@ class FlowDecoder(nn.Module):
         patches = self.patch_in(patchify(x_t, self.patch_size)) + self.pos_embed  # [B, N, w]
         c = self.time_mlp(timestep_embedding(t, patches.shape[-1]))  # [B, w]
         h = torch.cat([patches, reg], dim=1)
-        for blk in self.blocks:
+        hidden = None
+        for i, blk in enumerate(self.blocks):
             h = blk(h, c, self.num_patches)
+            if i + 1 == capture:
+                hidden = h[:, : self.num_patches]  # [B, N, w]
         shift, sc = self.mod_out(c)[:, None].chunk(2, dim=-1)
         out = self.head(self.norm_out(h[:, : self.num_patches]) * (1 + sc) + shift)  # [B, N, p*p*3]
-        return unpatchify(out, self.patch_size)
+        return unpatchify(out, self.patch_size) if not capture else (unpatchify(out, self.patch_size), hidden)
 
 
 @register_tokenizer("flextok", config=FlexTokConfig)
@@ -193,6 +213,11 @@ class FlexTok(Tokenizer1D):
             self.decoder = FlowDecoder(c)
         if c.decoder == "flow":
             self.decoder.zero_init()
+        if c.repa_dim:  # REPA's projector: decoder hidden state -> teacher feature (a training-time head)
+            self.repa_proj = nn.Sequential(
+                nn.Linear(c.width, 2 * c.width), nn.SiLU(), nn.Linear(2 * c.width, 2 * c.width), nn.SiLU(),
+                nn.Linear(2 * c.width, c.repa_dim),
+            )  # fmt: skip
 
     def quantize(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.quantizer(self.to_code(feats))
@@ -256,26 +281,44 @@ class FlexTok(Tokenizer1D):
         k = sample_keep_k(c.nested_sampling, c.num_tokens, batch, device)
         return torch.arange(c.num_tokens, device=device)[None] < k[:, None]
 
-    def training_loss(self, images: Tensor, weight: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(
+        self, images: Tensor, weight: Tensor | None = None, align: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The reconstruction (or flow) loss under nested dropout, plus, when `align [B, N, repa_dim]` gives a
+        teacher's feature for each of the N decoder patches (raster order), FlexTok's REPA term: `repa_weight` ×
+        mean (1 - cosine) between `repa_proj` of the decoder's patch states after block `repa_layer` and `align`."""
         x = self.check_images(images)
         w = self.check_weight(weight, x)
+        c = self.config
         b = x.shape[0]
+        if align is not None:
+            n = (c.image_size // c.patch_size) ** 2
+            if not c.repa_dim:
+                raise self._fail("align (REPA) needs a model built with repa_dim = the teacher's feature width")
+            if tuple(align.shape) != (b, n, c.repa_dim):
+                raise self._fail(f"align must be [B, N, repa_dim] = {(b, n, c.repa_dim)}, got {tuple(align.shape)}")
+        capture = c.repa_layer if align is not None else 0
         feats = self.encoder(x)  # [B, K, w]
         codes, _, qloss = self.quantize(feats)
         keep = self.sample_keep(b, x.device)
-        if self.config.decoder == "mse":
-            rec = self.decoder(codes, keep)
+        if c.decoder == "mse":
+            out = self.decoder(codes, keep, capture=capture)
+            rec, hidden = out if capture else (out, None)
             loss = weighted_mse(rec, x, w)
         else:
             noise = torch.randn_like(x)
             t = torch.sigmoid(torch.randn(b, device=x.device))
             tt = t[:, None, None, None]
             x_t = tt * noise + (1 - tt) * x
-            null = torch.rand(b, device=x.device) < self.config.cond_drop_prob
-            loss = weighted_mse(self.decoder(x_t, t, codes, keep, null), noise - x, w)
+            null = torch.rand(b, device=x.device) < c.cond_drop_prob
+            out = self.decoder(x_t, t, codes, keep, null, capture=capture)
+            v, hidden = out if capture else (out, None)
+            loss = weighted_mse(v, noise - x, w)
         total = loss + qloss
-        return total, {
-            "loss": float(total.detach()),
-            "rec": float(loss.detach()),
-            "mean_k": float(keep.sum(1).float().mean()),
-        }
+        logs = {"rec": float(loss.detach()), "mean_k": float(keep.sum(1).float().mean())}
+        if hidden is not None:
+            cos = nn.functional.cosine_similarity(self.repa_proj(hidden), align.to(hidden.dtype), dim=-1)  # [B, N]
+            repa = (1 - cos).mean()
+            total = total + c.repa_weight * repa
+            logs["repa"] = float(repa.detach())
+        return total, {"loss": float(total.detach()), **logs}

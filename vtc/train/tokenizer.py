@@ -142,39 +142,88 @@ def shapes_batch(
     return x, torch.from_numpy(np.stack(cover))[:, None]
 
 
-def _render_scaled(args: tuple[int, int, str]) -> tuple[np.ndarray, np.ndarray]:
+def _render_scaled(args: tuple[int, int, str, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     import cv2
 
     from vtc.eval.benchmarks import shapes as S
 
-    seed, size, variant = args
+    seed, size, variant, native = args
     sc = S.make_scene(seed, variant)
-    img = cv2.resize(sc.render(), (size, size), interpolation=cv2.INTER_AREA)
+    full = sc.render()
+    img = cv2.resize(full, (size, size), interpolation=cv2.INTER_AREA)
     cover = cv2.resize((sc.pixel_map() > 0).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return img, cover
+    return img, cover, full if native else None
+
+
+def load_teacher(path: str | os.PathLike, grid: int) -> tuple[Callable[[list[np.ndarray]], torch.Tensor], int]:
+    """REPA's teacher: a `vtc train vlm` model (`from_pretrained` folder). Returns (features, width): `features`
+    maps full-size scenes (uint8 `[S, S, 3]`) to the visual tokens the model's LLM reads, average-pooled onto the
+    tokenizer's `grid` x `grid` patch grid in raster order, `[B, grid², D]` (the tiny Qwen2-VL's 12 x 12 tokens at
+    192 px are already FlexTok's 12 x 12 patches at 96 px). Their per-cell colour, shape and letter were taught by
+    dense supervision, so they stand for the semantic features (DINOv2) FlexTok's REPA aligns to."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import vlm
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    family = "qwen2_vl" if "qwen2" in model.config.model_type else "llava"
+
+    @torch.no_grad()
+    def features(images: list[np.ndarray]) -> torch.Tensor:
+        f = vlm.image_features(model, vlm.pixel_inputs(processor, images, family), family).float()  # [B, N, D]
+        side = math.isqrt(f.shape[1])
+        if side * side != f.shape[1] or side % grid:
+            raise ValueError(
+                f"teacher {path} gives {f.shape[1]} tokens per image: not a square grid divisible by grid={grid}"
+            )
+        f = f.transpose(1, 2).reshape(f.shape[0], -1, side, side)  # [B, D, side, side]
+        return torch.nn.functional.avg_pool2d(f, side // grid).flatten(2).transpose(1, 2)  # [B, grid², D]
+
+    return features, int(getattr(model.config, "text_config", model.config).hidden_size)
 
 
 class ShapesPool:
     """The first `n` scenes of `shapes_batch`'s stream, rendered once (by `workers` processes) and drawn in a fresh
     permutation each epoch: batch `step` is a pure function of the step, as the stream's is, without the ~0.14 s of
     rendering per batch of 32 that is half a small tokenizer's step on two CPU cores. Image and cover of pool scene
-    i equal `shapes_batch`'s scene i exactly (uint8 pixels; the cover, a mean of 0/1 pixels, in float16)."""
+    i equal `shapes_batch`'s scene i exactly (uint8 pixels; the cover, a mean of 0/1 pixels, in float16). With a
+    `teacher` (`load_teacher`) each scene also gets the teacher's per-patch features (float16), for REPA."""
 
-    def __init__(self, n: int, size: int, seed: int, variant: str, batch_size: int, workers: int = 1):
+    def __init__(
+        self,
+        n: int,
+        size: int,
+        seed: int,
+        variant: str,
+        batch_size: int,
+        workers: int = 1,
+        teacher: Callable[[list[np.ndarray]], torch.Tensor] | None = None,
+        chunk: int = 512,
+    ):
         if n < batch_size or n % batch_size:
             raise ValueError(
                 f"pool={n} must be a positive multiple of batch_size={batch_size}, e.g. {64 * batch_size}"
             )
         from multiprocessing import get_context
 
-        args = [(seed * 10**7 + 4 * 10**6 + i, size, variant) for i in range(n)]
-        if workers > 1:
-            with get_context("fork").Pool(workers) as pool:
-                out = pool.map(_render_scaled, args, chunksize=64)
-        else:
-            out = [_render_scaled(a) for a in args]
-        self.images = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S]
-        self.cover = torch.from_numpy(np.stack([o[1] for o in out])).to(torch.float16)[:, None]  # [N, 1, S, S]
+        images, cover, feats = [], [], []
+        ctx = get_context("fork").Pool(workers) if workers > 1 else None
+        try:
+            for c0 in range(0, n, chunk):  # in chunks: the full-size renders the teacher reads are not kept
+                native = teacher is not None
+                args = [(seed * 10**7 + 4 * 10**6 + i, size, variant, native) for i in range(c0, min(n, c0 + chunk))]
+                out = ctx.map(_render_scaled, args, chunksize=32) if ctx else [_render_scaled(a) for a in args]
+                images += [o[0] for o in out]
+                cover += [o[1] for o in out]
+                if teacher is not None:
+                    feats.append(teacher([o[2] for o in out]).to(torch.float16))
+        finally:
+            if ctx:
+                ctx.close()
+        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # [N, 3, S, S] uint8
+        self.cover = torch.from_numpy(np.stack(cover)).to(torch.float16)[:, None]  # [N, 1, S, S]
+        self.teacher = torch.cat(feats) if feats else None  # [N, G², D] float16
         self.n, self.seed, self.batch_size = n, seed, batch_size
 
     def indices(self, step: int) -> torch.Tensor:
@@ -183,10 +232,12 @@ class ShapesPool:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         return perm[offset : offset + self.batch_size]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images `[B, 3, S, S]` in [0, 1] and object cover `[B, 1, S, S]` of batch `step`."""
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images `[B, 3, S, S]` in [0, 1], object cover `[B, 1, S, S]` and teacher features `[B, G², D]` (None
+        without a teacher) of batch `step`."""
         idx = self.indices(step)
-        return self.images[idx].float() / 255, self.cover[idx].float()
+        align = None if self.teacher is None else self.teacher[idx].float()
+        return self.images[idx].float() / 255, self.cover[idx].float(), align
 
 
 def lr_at(step: int, lr: float, warmup: int, schedule: str, total: int | None, final: float = 0.1) -> float:
@@ -221,6 +272,7 @@ def train_tokenizer(
     device: str = "cpu",
     pool: int = 0,
     lr_schedule: str = "constant",
+    repa_teacher: str | None = None,
     config: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
@@ -234,7 +286,9 @@ def train_tokenizer(
     covered by an object or letter tag), so that the objects, ~5% of a scene's pixels, are what the tokens encode.
     `pool` (shapes data): render the stream's first `pool` scenes once and draw batches from them
     (`ShapesPool`), instead of rendering every batch. `lr_schedule`: "constant" after the warmup, or "cosine" down
-    to 0.1·lr at `steps` (which it needs). Both are recorded in the checkpoint, and a resume with others is refused.
+    to 0.1·lr at `steps` (which it needs). `repa_teacher` (FlexTok with a pool): a `vtc train vlm` model whose
+    per-patch visual tokens the decoder aligns to (REPA, `FlexTok.training_loss`; weight `config["repa_weight"]`,
+    default 1). These are recorded in the checkpoint, and a resume with others is refused.
     `device`: "cpu" or "cuda" (checkpoints are written on the CPU side and resume on either; bit-for-bit
     resumption holds on the same device).
     Returns a summary dict (steps, final loss, seconds per step, held-out prefix PSNR).
@@ -254,6 +308,11 @@ def train_tokenizer(
         )
     if pool < 0 or (pool > 0 and data == "synthetic"):
         raise ValueError(f"pool={pool} must be >= 0, and > 0 only with data='shapes' or 'shapes_dense'")
+    if repa_teacher is not None and (name != "flextok" or not pool):
+        raise ValueError(
+            f"repa_teacher={repa_teacher!r} is for FlexTok (REPA is in its paper) trained from a scene pool: "
+            "pass --pool N (e.g. 32000) with flextok, or leave out --repa-teacher"
+        )
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but torch sees no CUDA device; use device='cpu' (--device cpu)")
@@ -269,6 +328,10 @@ def train_tokenizer(
 
     cfg = dict(config or {})
     cfg["tail_dropout"] = tail_dropout
+    teacher = None
+    if repa_teacher is not None:
+        grid = cfg.get("image_size", 32) // cfg.get("patch_size", 4)
+        teacher, cfg["repa_dim"] = load_teacher(repa_teacher, grid)
     ckpt = out / CKPT
     start_step, elapsed_before = 0, 0.0
     if (ckpt / "trainer_state.json").is_file():
@@ -291,6 +354,11 @@ def train_tokenizer(
                 "pass the same --object-weight or use another --out"
             )
         schedule = (lr_schedule, steps if lr_schedule == "cosine" else None)
+        if state.get("repa_teacher") != repa_teacher:
+            raise ValueError(
+                f"{ckpt} was trained with repa_teacher={state.get('repa_teacher')!r}, not {repa_teacher!r}; "
+                "pass the same --repa-teacher or use another --out"
+            )
         if (state.get("pool", 0), state.get("lr_schedule", "constant"), state.get("schedule_steps")) != (
             pool,
             *schedule,
@@ -322,11 +390,12 @@ def train_tokenizer(
     run_state = {
         "seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight,
         "pool": pool, "lr_schedule": lr_schedule, "schedule_steps": steps if lr_schedule == "cosine" else None,
+        "repa_teacher": repa_teacher,
     }  # fmt: skip
     scenes = None
     if pool:
         t_pool = time.monotonic()
-        scenes = ShapesPool(pool, c.image_size, seed, _VARIANT[data], batch_size, workers=threads)
+        scenes = ShapesPool(pool, c.image_size, seed, _VARIANT[data], batch_size, workers=threads, teacher=teacher)
         say(f"[{name}] rendered a pool of {pool} scenes in {time.monotonic() - t_pool:.0f} s")
     deadline = None if minutes is None else time.monotonic() + 60 * minutes
     total = steps if steps is not None else None
@@ -338,11 +407,11 @@ def train_tokenizer(
     while (total is None or step < total) and (deadline is None or time.monotonic() < deadline):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, lr, warmup, lr_schedule, steps)
-        weight = None
+        weight = align = None
         if data == "synthetic":
             x = synthetic_batch(step, batch_size, c.image_size, seed)
         elif scenes is not None:
-            x, cover = scenes.batch(step)
+            x, cover, align = scenes.batch(step)
             weight = 1 + object_weight * cover if object_weight > 0 else None
         elif object_weight > 0:
             x, cover = shapes_batch(step, batch_size, c.image_size, seed, _VARIANT[data], masks=True)
@@ -350,7 +419,10 @@ def train_tokenizer(
         else:
             x = shapes_batch(step, batch_size, c.image_size, seed, _VARIANT[data])
         x, weight = x.to(dev), None if weight is None else weight.to(dev)
-        loss, logs = model.training_loss(x, weight)
+        if align is None:
+            loss, logs = model.training_loss(x, weight)
+        else:
+            loss, logs = model.training_loss(x, weight, align=align.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -460,6 +532,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="after the warmup: constant, or cosine down to 0.1 x lr at --steps",
     )
     p.add_argument(
+        "--repa-teacher",
+        default=None,
+        help="flextok with --pool: align the decoder to this vtc train vlm model's visual tokens (REPA), "
+        "e.g. assets/tiny-qwen2-vl-shapes",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -497,6 +575,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         pool=args.pool,
         lr_schedule=args.lr_schedule,
+        repa_teacher=args.repa_teacher,
         config=config,
     )
 
