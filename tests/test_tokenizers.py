@@ -624,7 +624,8 @@ def test_shapes_pool_is_the_stream_drawn_once_per_epoch(tmp_path):
     epoch1 = torch.cat([pool.indices(s) for s in range(3, 6)])
     assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(12))  # each scene once per epoch
     assert not torch.equal(epoch0, epoch1) and torch.equal(pool.indices(4), pool.indices(4))
-    xb, cb = pool.batch(4)
+    xb, cb, none = pool.batch(4)
+    assert none is None
     assert torch.equal(xb, x[pool.indices(4)]) and torch.equal(cb, pool.cover[pool.indices(4)].float())
     with pytest.raises(ValueError, match="pool=10 must be a positive multiple of batch_size=4"):
         train_mod.ShapesPool(10, 16, seed=1, variant="base", batch_size=4)
