@@ -330,8 +330,10 @@ def train_tokenizer(
     cfg["tail_dropout"] = tail_dropout
     teacher = None
     if repa_teacher is not None:
-        grid = cfg.get("image_size", 32) // cfg.get("patch_size", 4)
-        teacher, cfg["repa_dim"] = load_teacher(repa_teacher, grid)
+        from ..tokenizers.flextok import FlexTokConfig
+
+        fc = FlexTokConfig(**cfg)
+        teacher, cfg["repa_dim"] = load_teacher(repa_teacher, fc.image_size // fc.patch_size)  # decoder's grid
     ckpt = out / CKPT
     start_step, elapsed_before = 0, 0.0
     if (ckpt / "trainer_state.json").is_file():
