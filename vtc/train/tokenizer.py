@@ -118,31 +118,9 @@ DATA = ("synthetic", "shapes", "shapes_dense")
 _VARIANT = {"shapes": "base", "shapes_dense": "dense"}
 
 
-def shapes_batch(
-    step: int, batch_size: int, size: int = 32, seed: int = 0, variant: str = "base", masks: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Training batch `step` of vtc-shapes scenes (training seeds: seed·10⁷ + 4·10⁶ + i, disjoint from every
-    benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`. `variant="dense"`:
-    the crowded scenes (12-18 objects, 2-4 letters). `masks=True` also returns `[B, 1, S, S]`: the share of each
-    pixel covered by an object or letter tag (area-downscaled from the scene's pixel map)."""
-    import cv2
-
-    from vtc.eval.benchmarks import shapes as S
-
-    start = seed * 10**7 + 4 * 10**6 + step * batch_size
-    scenes = [S.make_scene(start + i, variant) for i in range(batch_size)]
-    imgs = [cv2.resize(sc.render(), (size, size), interpolation=cv2.INTER_AREA) for sc in scenes]
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
-    if not masks:
-        return x
-    cover = [
-        cv2.resize((sc.pixel_map() > 0).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-        for sc in scenes
-    ]
-    return x, torch.from_numpy(np.stack(cover))[:, None]
-
-
 def _render_scaled(args: tuple[int, int, str, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scene `seed` (args: seed, size, variant, native) area-downscaled to `size`: image uint8 `[size, size, 3]`,
+    object cover `[size, size]` and, if `native`, the full-size render."""
     import cv2
 
     from vtc.eval.benchmarks import shapes as S
@@ -153,6 +131,21 @@ def _render_scaled(args: tuple[int, int, str, bool]) -> tuple[np.ndarray, np.nda
     img = cv2.resize(full, (size, size), interpolation=cv2.INTER_AREA)
     cover = cv2.resize((sc.pixel_map() > 0).astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
     return img, cover, full if native else None
+
+
+def shapes_batch(
+    step: int, batch_size: int, size: int = 32, seed: int = 0, variant: str = "base", masks: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Training batch `step` of vtc-shapes scenes (training seeds: seed·10⁷ + 4·10⁶ + i, disjoint from every
+    benchmark split and the VLM trainers' pools), area-downscaled to `size`: `[B, 3, S, S]`. `variant="dense"`:
+    the crowded scenes (12-18 objects, 2-4 letters). `masks=True` also returns `[B, 1, S, S]`: the share of each
+    pixel covered by an object or letter tag (area-downscaled from the scene's pixel map)."""
+    start = seed * 10**7 + 4 * 10**6 + step * batch_size
+    out = [_render_scaled((start + i, size, variant, False)) for i in range(batch_size)]
+    x = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).float() / 255
+    if not masks:
+        return x
+    return x, torch.from_numpy(np.stack([o[1] for o in out]))[:, None]
 
 
 def load_teacher(path: str | os.PathLike, grid: int) -> tuple[Callable[[list[np.ndarray]], torch.Tensor], int]:
@@ -208,10 +201,10 @@ class ShapesPool:
         from multiprocessing import get_context
 
         images, cover, feats = [], [], []
+        native = teacher is not None
         ctx = get_context("fork").Pool(workers) if workers > 1 else None
         try:
             for c0 in range(0, n, chunk):  # in chunks: the full-size renders the teacher reads are not kept
-                native = teacher is not None
                 args = [(seed * 10**7 + 4 * 10**6 + i, size, variant, native) for i in range(c0, min(n, c0 + chunk))]
                 out = ctx.map(_render_scaled, args, chunksize=32) if ctx else [_render_scaled(a) for a in args]
                 images += [o[0] for o in out]
@@ -328,6 +321,7 @@ def train_tokenizer(
 
     cfg = dict(config or {})
     cfg["tail_dropout"] = tail_dropout
+    schedule_steps = steps if lr_schedule == "cosine" else None  # the step the cosine ends at
     teacher = None
     if repa_teacher is not None:
         from ..tokenizers.flextok import FlexTokConfig
@@ -355,7 +349,6 @@ def train_tokenizer(
                 f"{ckpt} was trained with object_weight={state.get('object_weight', 0.0)}, not {object_weight}; "
                 "pass the same --object-weight or use another --out"
             )
-        schedule = (lr_schedule, steps if lr_schedule == "cosine" else None)
         if state.get("repa_teacher") != repa_teacher:
             raise ValueError(
                 f"{ckpt} was trained with repa_teacher={state.get('repa_teacher')!r}, not {repa_teacher!r}; "
@@ -363,12 +356,13 @@ def train_tokenizer(
             )
         if (state.get("pool", 0), state.get("lr_schedule", "constant"), state.get("schedule_steps")) != (
             pool,
-            *schedule,
+            lr_schedule,
+            schedule_steps,
         ):
             raise ValueError(
                 f"{ckpt} was trained with pool={state.get('pool', 0)}, lr_schedule="
                 f"{state.get('lr_schedule', 'constant')!r} (steps {state.get('schedule_steps')}), not pool={pool}, "
-                f"lr_schedule={lr_schedule!r} (steps {schedule[1]}); pass the same --pool, --lr-schedule and "
+                f"lr_schedule={lr_schedule!r} (steps {schedule_steps}); pass the same --pool, --lr-schedule and "
                 "--steps, or use another --out"
             )
         if (state.get("seed", seed), state.get("batch_size", batch_size)) != (seed, batch_size):
@@ -391,7 +385,7 @@ def train_tokenizer(
     c = model.config
     run_state = {
         "seed": seed, "batch_size": batch_size, "lr": lr, "data": data, "object_weight": object_weight,
-        "pool": pool, "lr_schedule": lr_schedule, "schedule_steps": steps if lr_schedule == "cosine" else None,
+        "pool": pool, "lr_schedule": lr_schedule, "schedule_steps": schedule_steps,
         "repa_teacher": repa_teacher,
     }  # fmt: skip
     scenes = None
