@@ -162,8 +162,10 @@ def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
     assert pos[1, : int(mask[1].sum())].tolist() == list(range(int(mask[1].sum())))
 
 
-def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
+def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
     kw = dict(pool=8, steps=4, batch=2, qa_per_image=2, val_every=4, val_per_type=1, checkpoint_every=2, attn_sup=1.0)
+    kw["tower_lr"] = tower_lr
     _, cfg = _bridge(tmp_path, "flextok", **kw)
     straight = bridge.train_bridge(cfg, tmp_path / "a", log=lambda *_: None)
     real_save = bridge.vlm.save_state
@@ -298,3 +300,29 @@ def test_question_tokens_follow_the_objects_the_question_refers_to():
     if scene.letter is not None:  # the tag is drawn by token 7 (column 8), which a 4-token prefix cuts
         assert bridge.question_tokens(scene, "what letter is written in the image ?", att, 8) == [[8]]
         assert bridge.question_tokens(scene, "what letter is written in the image ?", att, 4) == [[]]
+
+
+@pytest.mark.parametrize("name,error", [("flextok", 0.0), ("karl", 0.1)])
+def test_tower_lr_fine_tunes_the_encoder_and_nothing_else_of_the_tokenizer(tmp_path, name, error):
+    import numpy as np
+
+    kw = dict(pool=8, steps=3, batch=2, qa_per_image=2, val_every=3, val_per_type=1)
+    (_, processor, _), cfg = _bridge(tmp_path, name, error=error, **kw)
+    trained = vtc.create_tokenizer(name, pretrained=cfg.tokenizer_path).state_dict()
+    images, _ = bridge.vlm.render_pool(3, 4, seed0=5, workers=1)
+    pix = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(bridge.tower_pixels(processor, images).float() / 255, pix, atol=1e-6, rtol=0)
+
+    def tower_of(out):
+        return AutoModelForImageTextToText.from_pretrained(out).model.vision_tower.tokenizer.state_dict()
+
+    quiet = dict(log=lambda *_: None)
+    frozen = tower_of(bridge.train_bridge(cfg, tmp_path / "frozen", **quiet))
+    assert all(torch.equal(frozen[k], trained[k]) for k in trained)  # tower_lr = 0: the tokenizer as trained
+    tuned = tower_of(bridge.train_bridge(dataclasses.replace(cfg, tower_lr=1e-2), tmp_path / "tuned", **quiet))
+    moved = {k for k in trained if not torch.equal(tuned[k], trained[k])}
+    assert any(k.startswith("encoder.") for k in moved)  # the QA loss reaches the encoder through the latents
+    assert not any(k.startswith(("decoder.", "quantizer.")) for k in moved), sorted(moved)  # no VQ code re-seeded
+    if name == "karl":  # the error condition feeds the encoder; the halting head reads the latents, off the path
+        assert "error_embed" in moved and not any(k.startswith(("halt_mlp.", "ln_halt.")) for k in moved)
+    assert np.isfinite([float(v.float().abs().max()) for v in tuned.values()]).all()

@@ -88,9 +88,9 @@ class TokenizerTower(PreTrainedModel):
     def adaptive(self) -> bool:
         return hasattr(self.tokenizer, "predict_num_tokens")
 
-    @torch.no_grad()
     def forward(self, pixel_values: Tensor, **kwargs: Any) -> TokenizerTowerOutput:
-        """`pixel_values [B, 3, S, S]` in [0, 1] (the processor rescales and does not normalise)."""
+        """`pixel_values [B, 3, S, S]` in [0, 1] (the processor rescales and does not normalise). Differentiable:
+        `vtc train bridge --tower-lr` fine-tunes the encoder through it."""
         x = pixel_values.float().clamp(0, 1)
         tok = self.tokenizer
         if self.adaptive and self.config.error is not None:

@@ -26,8 +26,13 @@ chance, text 0.08) and 0.312 without (colour 0.18: the answer prior). On the 32-
 images, answer-only training stayed at 0.32-0.35, and a grounding loss on every kept token (this option's first
 form) made the image tokens a constant sink. What is missing is a tokenizer that encodes the shapes and letters.
 
+Fine-tuning the tokenizer (`tower_lr` > 0): the QA loss also trains the tokenizer's encoder (the parameters on the
+path to the latents; decoder, quantizer and KARL's halting head get no gradient), as LLaVA-style recipes unfreeze
+the vision tower. The saved tower is then that tuned encoder, so its latents no longer match the decoder's training.
+With `tower_lr` = 0 the tokenizer stays exactly as trained.
+
 Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
-`vtc.tokenizers.tower`); the latents of the training pool are computed once (the tower is frozen); for KARL they
+`vtc.tokenizers.tower`); with a frozen tower the latents of the training pool are computed once; for KARL they
 are computed with the error condition used at evaluation, so training and evaluation see the same latents.
 Checkpoints are safetensors and a killed run resumes where it stopped, with the settings it started with (a run
 asking for other ones is refused).
@@ -63,6 +68,7 @@ class BridgeConfig:
     full_prob: float = 0.25  # share of training images that keep all K tokens
     attn_sup: float = 1.0  # grounding loss weight: heads 0 (and 1) of layers 1.. attend to the asked objects' tokens
     question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
+    tower_lr: float = 0.0  # 0: frozen tokenizer (cached latents); > 0: its encoder is fine-tuned at this peak lr
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -70,7 +76,9 @@ class BridgeConfig:
     val_per_type: int = 40
 
 
-BRIDGE_SETTINGS = ("pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "seed")
+BRIDGE_SETTINGS = (
+    "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "seed"
+)  # fmt: skip
 
 
 def build_bridge(cfg: BridgeConfig):
@@ -116,6 +124,15 @@ def tower_latents(model, processor, images: np.ndarray, chunk: int = 256) -> tup
         k = out.last_hidden_state.shape[1]
         lengths.append(out.lengths if out.lengths is not None else torch.full((len(pix),), k))
     return torch.cat(latents), torch.cat(lengths).long()
+
+
+def tower_pixels(processor, images: np.ndarray, chunk: int = 256) -> Tensor:
+    """The tower's input `[n, 3, S, S]` uint8 (the processor's [0, 1] pixels x 255, rounded) of uint8 images."""
+    out = []
+    for i in range(0, len(images), chunk):
+        pix = processor.image_processor(images=list(images[i : i + chunk]), return_tensors="pt")["pixel_values"]
+        out.append((pix.float().clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
 
 
 SLOTS = 8  # attribution slots per scene: up to 6 objects (base variant) and the letter tag, by pixel-map id - 1
@@ -217,6 +234,13 @@ def prefix_batch(
     return ids, lab, mask, pos, feats
 
 
+def train_mode(model) -> None:
+    """Projector and LM in training mode, the tokenizer tower never: a VQ quantizer in training mode re-seeds
+    unused codes (`restart_after`), which would rewrite the codebook of a tower being fine-tuned (`tower_lr`)."""
+    model.train()
+    model.model.vision_tower.eval()
+
+
 @torch.no_grad()
 def bridge_val(model, processor, tok, cfg: BridgeConfig, ks: tuple[int, ...]) -> dict[str, float]:
     """Teacher-forced exact-match accuracy on the vtc-shapes val split at each prefix length in `ks`."""
@@ -236,7 +260,7 @@ def bridge_val(model, processor, tok, cfg: BridgeConfig, ks: tuple[int, ...]) ->
             ok = ((logits[:, :-1].argmax(-1) == lab[:, 1:]) | (lab[:, 1:] == -100)).all(1)
             hits += ok.tolist()
         res[f"k{k}"] = round(sum(hits) / len(hits), 3)
-    model.train()
+    train_mode(model)
     return res
 
 
@@ -259,22 +283,30 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     from safetensors.torch import load_file, save_file
 
     z = load_file(str(cache)) if cache.exists() else {}
-    if not z or (cfg.attn_sup > 0 and "attribution" not in z):
+    tune = cfg.tower_lr > 0
+    if not z or (cfg.attn_sup > 0 and "attribution" not in z) or (tune and "pixels" not in z):
         t0 = time.time()
         images, _ = vlm.render_pool(cfg.pool, 4, seed0=seed0, workers=cfg.threads)
         if not z:
             z["latents"], z["lengths"] = tower_latents(model, processor, images)
             log(f"latent tokens of {cfg.pool} scenes {tuple(z['latents'].shape)} in {time.time() - t0:.0f}s")
-        if cfg.attn_sup > 0:
+        if cfg.attn_sup > 0 and "attribution" not in z:
             z["attribution"] = attribution_pool(model, processor, images, seeds)
             log(f"token attribution of {cfg.pool} scenes in {time.time() - t0:.0f}s")
+        if tune and "pixels" not in z:  # the tower's input, uint8 [n, 3, S, S]: a tuned tower is run every step
+            z["pixels"] = tower_pixels(processor, images)
         save_file(z, str(cache))
     latents = z["latents"]
     n_tok = latents.shape[1]
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    tower = model.model.vision_tower
+    for p in tower.parameters():
+        p.requires_grad_(tune)
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")],
+               "base_lr": cfg.lr}]  # fmt: skip
+    if tune:
+        groups.append({"params": list(tower.parameters()), "base_lr": cfg.tower_lr})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     ckpt = work / "state.safetensors"
     settings = vlm.settings_of(cfg, BRIDGE_SETTINGS)
     start = 0
@@ -287,7 +319,7 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     layers = model.model.language_model.layers
     supervised = ([0] if cfg.question_sup > 0 else []) + (list(range(1, len(layers))) if cfg.attn_sup > 0 else [])
     capture = vlm.AttentionCapture({i: layers[i].self_attn for i in supervised})
-    model.train()
+    train_mode(model)
     t0 = time.time()
     for step in range(start, cfg.steps):
         r = np.random.default_rng(cfg.seed * 15485863 + step)
@@ -296,12 +328,13 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         made = [vlm.make_turns(int(seeds[i]), cfg.qa_per_image, r) for i in idx]
         turns = [t for _, t in made]
         for g in opt.param_groups:
-            g["lr"] = vlm.lr_at(step, cfg.steps, cfg.lr)
+            g["lr"] = vlm.lr_at(step, cfg.steps, g["base_lr"])
         rows: list[list[int]] = []
         starts: list[list[int]] = []
         capture.store.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16), capture:
-            ids, lab, mask, pos, feats = prefix_batch(model, tok, latents[idx], ks, turns, rows, starts)
+            lat = tower(z["pixels"][idx].float() / 255).last_hidden_state if tune else latents[idx]  # [B, K, w]
+            ids, lab, mask, pos, feats = prefix_batch(model, tok, lat, ks, turns, rows, starts)
             logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
             layer0 = {0: capture.store.pop(0)} if 0 in capture.store else {}
