@@ -165,7 +165,7 @@ def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
 @pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
 def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
     kw = dict(pool=8, steps=4, batch=2, qa_per_image=2, val_every=4, val_per_type=1, checkpoint_every=2, attn_sup=1.0)
-    kw["tower_lr"] = tower_lr
+    kw.update(tower_lr=tower_lr, obj_sup=1.0 if tower_lr else 0.0)  # the object heads' state resumes too
     _, cfg = _bridge(tmp_path, "flextok", **kw)
     straight = bridge.train_bridge(cfg, tmp_path / "a", log=lambda *_: None)
     real_save = bridge.vlm.save_state
@@ -185,6 +185,7 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
     log = [json.loads(x) for x in (tmp_path / "b" / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "lm"] == [0]  # step 0 logged once, not again on resume
     assert all(r["qground"] > 0 and r["ground"] > 0 for r in log if r["stage"] == "lm")  # both losses on
+    assert all((r["obj"] > 0) == (tower_lr > 0) for r in log if r["stage"] == "lm")
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
     with pytest.raises(ValueError, match="trained with attn_sup=1, but this run asks for 0; pass --attn-sup 1"):
         bridge.train_bridge(dataclasses.replace(cfg, attn_sup=0.0), tmp_path / "b", log=lambda *_: None)
@@ -326,3 +327,45 @@ def test_tower_lr_fine_tunes_the_encoder_and_nothing_else_of_the_tokenizer(tmp_p
     if name == "karl":  # the error condition feeds the encoder; the halting head reads the latents, off the path
         assert "error_embed" in moved and not any(k.startswith(("halt_mlp.", "ln_halt.")) for k in moved)
     assert np.isfinite([float(v.float().abs().max()) for v in tuned.values()]).all()
+
+
+def test_object_labels_name_every_object_and_tag_of_the_scene():
+    colours = list(S.COLOURS)
+    for seed in range(20):
+        scene = S.make_scene(seed)
+        labels = bridge.object_labels(scene)
+        objs, tags = [x for x in labels if x[2] == 0], [x for x in labels if x[2] == 1]
+        assert len(objs) == len(scene.objects) and len(tags) == len(scene.tags())
+        for (x, y, _, c, _), o in zip(objs, scene.objects, strict=True):
+            assert (colours[int(c) // len(S.SHAPES)], S.SHAPES[int(c) % len(S.SHAPES)]) == (o.colour, o.shape)
+            assert (x, y) == (o.cx / scene.size, o.cy / scene.size) and 0 <= x <= 1 and 0 <= y <= 1
+        for (_, _, _, c, _), (letter, _) in zip(tags, scene.tags(), strict=True):
+            assert S.LETTERS[int(c)] == letter
+
+
+def test_object_heads_read_only_the_kept_tokens_and_learn():
+    torch.manual_seed(0)
+    scenes = [S.make_scene(s) for s in range(6)]
+    heads = bridge.ObjectHeads(32)
+    lat = torch.randn(6, 8, 32, requires_grad=True)
+    ks = [1, 3, 8, 2, 5, 8]
+    loss = heads.loss(lat, ks, scenes)
+    loss.backward()
+    for b, k in enumerate(ks):  # the dropped tail gets no gradient, the kept prefix does
+        assert lat.grad[b, k:].abs().sum() == 0 and lat.grad[b, :k].abs().sum() > 0
+    changed = lat.detach().clone()
+    changed[0, 1:] += 5.0
+    assert torch.equal(heads.loss(changed, ks, scenes), heads.loss(lat.detach(), ks, scenes))
+    # latents that hold each object's class at its own token: the heads learn to read them (chance: ~1.8)
+    free = torch.zeros(6, 8, 32)
+    for b, sc in enumerate(scenes):
+        for j, (x, y, _, c, _) in enumerate(bridge.object_labels(sc)):
+            free[b, j, int(c) % 32] = 4.0
+            free[b, j, 30:] = torch.tensor([x, y]) * 4
+    opt = torch.optim.Adam(heads.parameters(), lr=3e-3)
+    first = float(heads.loss(free, [8] * 6, scenes).detach())
+    for _ in range(150):
+        opt.zero_grad()
+        heads.loss(free, [8] * 6, scenes).backward()
+        opt.step()
+    assert float(heads.loss(free, [8] * 6, scenes).detach()) < 0.3 * first

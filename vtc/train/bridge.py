@@ -69,6 +69,7 @@ class BridgeConfig:
     attn_sup: float = 1.0  # grounding loss weight: heads 0 (and 1) of layers 1.. attend to the asked objects' tokens
     question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
     tower_lr: float = 0.0  # 0: frozen tokenizer (cached latents); > 0: its encoder is fine-tuned at this peak lr
+    obj_sup: float = 0.0  # weight of the object heads' loss (colour, shape, letter read from the kept latents)
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -77,7 +78,8 @@ class BridgeConfig:
 
 
 BRIDGE_SETTINGS = (
-    "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "seed"
+    "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "obj_sup",
+    "seed"
 )  # fmt: skip
 
 
@@ -234,6 +236,71 @@ def prefix_batch(
     return ids, lab, mask, pos, feats
 
 
+class ObjectHeads(nn.Module):
+    """What is at (x, y)? One query per object (or letter tag), made from its centre, attends over the kept latent
+    tokens `[B, K, width]`; linear read-outs give its colour and shape (objects) or its letter (tags).
+
+    The bridge's counterpart of `vtc train vlm`'s dense heads, which read each ViT cell's colour, shape and letter:
+    latent tokens have no cells, so the object's place is the query instead. A training head, never saved with the
+    model; with `tower_lr` it teaches the tuned encoder to keep what the pixel loss left out (the shapes)."""
+
+    FREQS = 8
+
+    def __init__(self, width: int, heads: int = 4) -> None:
+        super().__init__()
+        self.query = nn.Sequential(nn.Linear(4 * self.FREQS + 2, width), nn.GELU(), nn.Linear(width, width))
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.colour = nn.Linear(width, len(S.COLOURS))
+        self.shape = nn.Linear(width, len(S.SHAPES))
+        self.letter = nn.Linear(width, len(S.LETTERS))
+
+    def embed(self, xy: Tensor, is_tag: Tensor) -> Tensor:
+        """`xy [B, M, 2]` centres in [0, 1], `is_tag [B, M]` -> queries `[B, M, width]`."""
+        f = 2 ** torch.arange(self.FREQS, dtype=xy.dtype, device=xy.device) * torch.pi  # [F]
+        ang = xy[..., None] * f  # [B, M, 2, F]
+        four = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [B, M, 4F]
+        return self.query(torch.cat([four, is_tag[..., None].to(xy.dtype), 1 - is_tag[..., None].to(xy.dtype)], -1))
+
+    def loss(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> Tensor:
+        """Mean cross-entropy of every object's colour and shape and every tag's letter, read from the first
+        `ks[b]` latent tokens of image b."""
+        b, n, _ = latents.shape
+        objs = [object_labels(sc) for sc in scenes]
+        m = max(len(o) for o in objs)
+        lab = torch.full((b, m, 5), -1.0)  # x, y, is_tag, class, valid
+        for i, o in enumerate(objs):
+            if o:
+                lab[i, : len(o)] = torch.tensor(o)
+        kv = self.norm(latents)
+        pad = torch.arange(n)[None] >= torch.tensor(ks)[:, None]  # [B, K]: dropped tail
+        q = self.embed(lab[..., :2].clamp(0, 1).to(kv.dtype), lab[..., 2].clamp(0, 1))
+        h, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)  # [B, M, width]
+        h = h.float()
+        valid, tag, cls = lab[..., 4] > 0, lab[..., 2] > 0, lab[..., 3].long()
+        terms = []
+        for head, sel, target in (
+            (self.colour, valid & ~tag, cls // len(S.SHAPES)),
+            (self.shape, valid & ~tag, cls % len(S.SHAPES)),
+            (self.letter, valid & tag, cls),
+        ):
+            if sel.any():
+                terms.append(nn.functional.cross_entropy(head(h[sel]), target[sel]))
+        return torch.stack(terms).mean() if terms else latents.sum() * 0
+
+
+def object_labels(scene: S.Scene) -> list[tuple[float, float, float, float, float]]:
+    """(x, y, is_tag, class, 1) per object (class = colour * #shapes + shape) and letter tag (class = letter), the
+    centre as a fraction of the image side."""
+    colours = list(S.COLOURS)
+    out = [(o.cx / scene.size, o.cy / scene.size, 0.0, float(colours.index(o.colour) * len(S.SHAPES)
+            + S.SHAPES.index(o.shape)), 1.0) for o in scene.objects]  # fmt: skip
+    for letter, (x0, y0, x1, y1) in scene.tags():
+        cx, cy = (x0 + x1) / 2 / scene.size, (y0 + y1) / 2 / scene.size
+        out.append((cx, cy, 1.0, float(S.LETTERS.index(letter)), 1.0))
+    return out
+
+
 def train_mode(model) -> None:
     """Projector and LM in training mode, the tokenizer tower never: a VQ quantizer in training mode re-seeds
     unused codes (`restart_after`), which would rewrite the codebook of a tower being fine-tuned (`tower_lr`)."""
@@ -305,13 +372,16 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
                "base_lr": cfg.lr}]  # fmt: skip
     if tune:
         groups.append({"params": list(tower.parameters()), "base_lr": cfg.tower_lr})
+    heads = ObjectHeads(latents.shape[-1])  # a training head (checkpointed, not saved with the model)
+    if cfg.obj_sup > 0:
+        groups[0]["params"] += list(heads.parameters())
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     ckpt = work / "state.safetensors"
     settings = vlm.settings_of(cfg, BRIDGE_SETTINGS)
     start = 0
     if ckpt.exists():
-        meta = vlm.load_state(ckpt, {"model": model}, opt)
+        meta = vlm.load_state(ckpt, {"model": model, "heads": heads}, opt)
         vlm.check_settings(meta, settings, ckpt)  # a run goes on with the recipe it started with
         start = meta["step"]
     if start:
@@ -352,12 +422,14 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
                     for (scene, t), i, k in zip(made, idx, ks, strict=True)
                 ]
                 ground = vlm.grounding_loss(capture.store, rows, targets)
+            obj = heads.loss(lat, ks, [sc for sc, _ in made]) if cfg.obj_sup > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        (loss + cfg.attn_sup * ground + cfg.question_sup * q_ground).backward()
+        (loss + cfg.attn_sup * ground + cfg.question_sup * q_ground + cfg.obj_sup * obj).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            parts = {k: float(v.detach()) for k, v in {"loss": loss, "ground": ground, "qground": q_ground}.items()}
+            terms = {"loss": loss, "ground": ground, "qground": q_ground, "obj": obj}
+            parts = {k: float(v.detach()) for k, v in terms.items()}
             log(
                 f"bridge {step}/{cfg.steps} "
                 + " ".join(f"{k} {v:.3f}" for k, v in parts.items())
@@ -365,7 +437,8 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
             )
             record(stage="lm", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            vlm.save_state(ckpt, {"model": model}, opt, {"stage": "lm", "step": step + 1, "settings": settings})
+            state = {"stage": "lm", "step": step + 1, "settings": settings}
+            vlm.save_state(ckpt, {"model": model, "heads": heads}, opt, state)
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             acc = bridge_val(model, processor, tok, cfg, (n_tok, max(1, n_tok // 4)))
             log(f"val {step + 1}: {acc}")
