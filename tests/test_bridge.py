@@ -162,10 +162,11 @@ def test_training_batches_place_the_text_where_evaluation_does(tmp_path):
     assert pos[1, : int(mask[1].sum())].tolist() == list(range(int(mask[1].sum())))
 
 
-@pytest.mark.parametrize("tower_lr", [0.0, 1e-3])
-def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
+@pytest.mark.parametrize("tower_lr,vision_steps", [(0.0, 0), (1e-3, 0), (0.0, 4)])
+def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr, vision_steps):
     kw = dict(pool=8, steps=4, batch=2, qa_per_image=2, val_every=4, val_per_type=1, checkpoint_every=2, attn_sup=1.0)
     kw.update(tower_lr=tower_lr, obj_sup=1.0 if tower_lr else 0.0)  # the object heads' state resumes too
+    kw.update(vision_steps=vision_steps, vision_pool=8, vision_batch=2)  # killed in the vision stage, then the LM's
     _, cfg = _bridge(tmp_path, "flextok", **kw)
     straight = bridge.train_bridge(cfg, tmp_path / "a", log=lambda *_: None)
     real_save = bridge.vlm.save_state
@@ -175,8 +176,9 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(bridge.vlm, "save_state", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        bridge.train_bridge(cfg, tmp_path / "b", log=lambda *_: None)
+    for _ in range(3 if vision_steps else 1):  # vision steps 2 and 4, the stage's end (else LM step 2)
+        with pytest.raises(KeyboardInterrupt):
+            bridge.train_bridge(cfg, tmp_path / "b", log=lambda *_: None)
     monkeypatch.setattr(bridge.vlm, "save_state", real_save)
     resumed = bridge.train_bridge(cfg, tmp_path / "b", log=lambda *_: None)
     a = AutoModelForImageTextToText.from_pretrained(straight).state_dict()
@@ -187,6 +189,10 @@ def test_train_bridge_resumes_bit_for_bit(tmp_path, monkeypatch, tower_lr):
     assert all(r["qground"] > 0 and r["ground"] > 0 for r in log if r["stage"] == "lm")  # both losses on
     assert all((r["obj"] > 0) == (tower_lr > 0) for r in log if r["stage"] == "lm")
     assert any(r["stage"] == "val" and "k8" in r and "k2" in r for r in log)
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "work" / "log.jsonl").read_text().splitlines()]
+    vision = [r for r in log_a if r["stage"] == "vision_val"]
+    assert [r["step"] for r in vision] == ([4] if vision_steps else [])
+    assert all({"k8_colour", "k8_shape", "k2_shape"} <= r.keys() for r in vision)
     with pytest.raises(ValueError, match="trained with attn_sup=1, but this run asks for 0; pass --attn-sup 1"):
         bridge.train_bridge(dataclasses.replace(cfg, attn_sup=0.0), tmp_path / "b", log=lambda *_: None)
 
@@ -327,6 +333,40 @@ def test_tower_lr_fine_tunes_the_encoder_and_nothing_else_of_the_tokenizer(tmp_p
     if name == "karl":  # the error condition feeds the encoder; the halting head reads the latents, off the path
         assert "error_embed" in moved and not any(k.startswith(("halt_mlp.", "ln_halt.")) for k in moved)
     assert np.isfinite([float(v.float().abs().max()) for v in tuned.values()]).all()
+    # the vision stage (object and patch heads, no LM) moves the same weights, and the LM stage then keeps them
+    vcfg = dataclasses.replace(cfg, vision_steps=3, vision_pool=8, vision_batch=2, val_every=3)
+    seen = tower_of(bridge.train_bridge(vcfg, tmp_path / "vision", **quiet))
+    moved = {k for k in trained if not torch.equal(seen[k], trained[k])}
+    assert any(k.startswith("encoder.") for k in moved)
+    assert not any(k.startswith(("decoder.", "quantizer.", "halt_mlp.", "ln_halt.")) for k in moved), sorted(moved)
+    from safetensors.torch import load_file
+
+    after = load_file(str(tmp_path / "vision" / "work" / "latents.safetensors"))["latents"]
+    z = load_file(str(tmp_path / "vision" / "work" / "vision_pool.safetensors"))
+    assert z["pixels"].shape == (8, 3, 16, 16) and z["labels"].shape == (8, 4, 4, 4)
+    with torch.no_grad():  # the LM stage's cached latents are the tuned encoder's
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / "vision")
+        want = model.model.vision_tower(pix).last_hidden_state
+    images8, _ = bridge.vlm.render_pool(8, 4, seed0=3 * 10**6, workers=1)
+    torch.testing.assert_close(after[:3], bridge.tower_latents(model, processor, images8)[0][:3])
+    assert want.shape[1:] == after.shape[1:]
+
+
+@pytest.mark.parametrize("name,error", [("flextok", 0.0), ("karl", 0.1)])
+def test_patch_capture_returns_the_patch_states_the_last_block_reads(tmp_path, name, error):
+    (model, _, _), _ = _bridge(tmp_path, name, error=error)
+    tower = model.model.vision_tower.eval()
+    enc = tower.tokenizer.encoder
+    x = torch.rand(2, 3, 16, 16)
+    seen = []
+    handle = enc.blocks[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # the whole sequence
+    with torch.no_grad(), bridge.PatchCapture(enc) as cap:
+        lat = tower(x).last_hidden_state
+    handle.remove()
+    p = 1 if name == "karl" else 0  # KARL's error-condition token comes first
+    assert seen[0].shape[1] == p + enc.num_patches + lat.shape[1]
+    assert torch.equal(cap.patches(lat.shape[1]), seen[0][:, p : p + enc.num_patches])
+    assert len(enc.blocks[-1]._forward_pre_hooks) == 0  # removed on exit
 
 
 def test_object_labels_name_every_object_and_tag_of_the_scene():
@@ -369,3 +409,6 @@ def test_object_heads_read_only_the_kept_tokens_and_learn():
         heads.loss(free, [8] * 6, scenes).backward()
         opt.step()
     assert float(heads.loss(free, [8] * 6, scenes).detach()) < 0.3 * first
+    acc = heads.accuracy(free, [8] * 6, scenes)
+    assert acc["colour"] == acc["shape"] == 1.0 and set(acc) <= {"colour", "shape", "letter"}
+    assert heads.accuracy(free, [1] * 6, scenes)["shape"] < 1.0  # one kept token cannot hold every object

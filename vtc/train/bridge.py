@@ -31,6 +31,14 @@ path to the latents; decoder, quantizer and KARL's halting head get no gradient)
 the vision tower. The saved tower is then that tuned encoder, so its latents no longer match the decoder's training.
 With `tower_lr` = 0 the tokenizer stays exactly as trained.
 
+Vision stage (`vision_steps` > 0, before the LM stage; `vtc train vlm`'s dense stage for a 1-D tokenizer): the
+encoder alone learns what the questions ask about. Object heads read each object's colour and shape and each letter
+tag's letter from a random prefix of the latents (a query built from its centre, `ObjectHeads`), and per-patch
+heads (`patch_sup`) read each cell's from the patch states the latents attend to in the encoder's last block, on
+crowded "dense"-variant scenes. The LM stage then caches the latents of that tuned encoder. The pixel loss of the
+tokenizers' own training keeps colour and place but not shape (a blob of the right colour), and nearly every
+question names a shape: this stage is what puts the shapes into the tokens.
+
 Pinned choices: the LM sees the encoder's continuous latent tokens (what the quantizer rounds; see
 `vtc.tokenizers.tower`); with a frozen tower the latents of the training pool are computed once; for KARL they
 are computed with the error condition used at evaluation, so training and evaluation see the same latents.
@@ -70,6 +78,11 @@ class BridgeConfig:
     question_sup: float = 1.0  # weight of the layer-0 question loss (`vtc train vlm`'s question_sup)
     tower_lr: float = 0.0  # 0: frozen tokenizer (cached latents); > 0: its encoder is fine-tuned at this peak lr
     obj_sup: float = 0.0  # weight of the object heads' loss (colour, shape, letter read from the kept latents)
+    vision_steps: int = 0  # steps of the vision stage (encoder + object and patch heads, no LM) before the LM stage
+    vision_pool: int = 8000  # crowded "dense"-variant scenes for the vision stage (rendered once, cached)
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
+    patch_sup: float = 1.0  # vision stage: weight of the per-patch heads on the encoder's patch states
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -79,7 +92,7 @@ class BridgeConfig:
 
 BRIDGE_SETTINGS = (
     "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "obj_sup",
-    "seed"
+    "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup"
 )  # fmt: skip
 
 
@@ -262,12 +275,12 @@ class ObjectHeads(nn.Module):
         four = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [B, M, 4F]
         return self.query(torch.cat([four, is_tag[..., None].to(xy.dtype), 1 - is_tag[..., None].to(xy.dtype)], -1))
 
-    def loss(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> Tensor:
-        """Mean cross-entropy of every object's colour and shape and every tag's letter, read from the first
-        `ks[b]` latent tokens of image b."""
+    def read(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> list[tuple[Tensor, Tensor]]:
+        """(logits `[M, C]`, targets `[M]`) of the colour, shape and letter read-outs over every object (colour,
+        shape) and letter tag (letter) of `scenes`, each read from the first `ks[b]` latent tokens of image b."""
         b, n, _ = latents.shape
         objs = [object_labels(sc) for sc in scenes]
-        m = max(len(o) for o in objs)
+        m = max(1, max(len(o) for o in objs))
         lab = torch.full((b, m, 5), -1.0)  # x, y, is_tag, class, valid
         for i, o in enumerate(objs):
             if o:
@@ -278,15 +291,25 @@ class ObjectHeads(nn.Module):
         h, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)  # [B, M, width]
         h = h.float()
         valid, tag, cls = lab[..., 4] > 0, lab[..., 2] > 0, lab[..., 3].long()
-        terms = []
-        for head, sel, target in (
-            (self.colour, valid & ~tag, cls // len(S.SHAPES)),
-            (self.shape, valid & ~tag, cls % len(S.SHAPES)),
-            (self.letter, valid & tag, cls),
-        ):
-            if sel.any():
-                terms.append(nn.functional.cross_entropy(head(h[sel]), target[sel]))
+        return [
+            (self.colour(h[valid & ~tag]), (cls // len(S.SHAPES))[valid & ~tag]),
+            (self.shape(h[valid & ~tag]), (cls % len(S.SHAPES))[valid & ~tag]),
+            (self.letter(h[valid & tag]), cls[valid & tag]),
+        ]
+
+    def loss(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> Tensor:
+        """Mean cross-entropy of every object's colour and shape and every tag's letter (`read`)."""
+        terms = [nn.functional.cross_entropy(x, y) for x, y in self.read(latents, ks, scenes) if len(y)]
         return torch.stack(terms).mean() if terms else latents.sum() * 0
+
+    @torch.no_grad()
+    def accuracy(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> dict[str, float]:
+        """Share of objects whose colour / shape, and of tags whose letter, the read-outs get right."""
+        out = {}
+        for name, (x, y) in zip(("colour", "shape", "letter"), self.read(latents, ks, scenes), strict=True):
+            if len(y):
+                out[name] = round(float((x.argmax(-1) == y).float().mean()), 3)
+        return out
 
 
 def object_labels(scene: S.Scene) -> list[tuple[float, float, float, float, float]]:
@@ -306,6 +329,117 @@ def train_mode(model) -> None:
     unused codes (`restart_after`), which would rewrite the codebook of a tower being fine-tuned (`tower_lr`)."""
     model.train()
     model.model.vision_tower.eval()
+
+
+class PatchCapture:
+    """Within the block: the patch states `[B, N, width]` the latents read in the tokenizer encoder's last block
+    (that block's input), where the vision stage's per-patch heads supervise them."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+        self.states: Tensor | None = None
+
+    def __enter__(self) -> PatchCapture:
+        self.handle = self.encoder.blocks[-1].register_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, module, args) -> None:
+        self.states = args[0]  # [B, P + N + n, width]: prefix (KARL's error token), patches, latents
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def patches(self, num_latents: int) -> Tensor:
+        n = self.encoder.num_patches
+        p = self.states.shape[1] - n - num_latents
+        return self.states[:, p : p + n]
+
+
+VISION_VAL = 256  # held-out benchmark-variant scenes for the vision stage's read-out accuracy
+
+
+def vision_pool(cfg: BridgeConfig, processor, grid: int, work: Path, log=print) -> dict[str, Tensor]:
+    """The vision stage's scenes, rendered once and cached: `pixels [n, 3, S, S]` uint8 (the tower's input),
+    `labels [n, 4, G, G]` (`vtc train vlm`'s per-cell maps), `seeds [n]`; `val_*` alike for `VISION_VAL`
+    benchmark-variant scenes."""
+    from safetensors.torch import load_file, save_file
+
+    path = work / "vision_pool.safetensors"
+    if path.exists():
+        return load_file(str(path))
+    t0 = time.time()
+    seed0 = cfg.seed * 10**7 + 4 * 10**6  # disjoint from the LM stage's pool and from every benchmark split
+    z = {}
+    for key, n, s0, variant in (
+        ("", cfg.vision_pool, seed0, "dense"),
+        ("val_", VISION_VAL, seed0 + 9 * 10**5, "base"),
+    ):
+        images, labels = vlm.render_pool(n, grid, seed0=s0, workers=cfg.threads, variant=variant)
+        z[key + "pixels"] = tower_pixels(processor, images)
+        z[key + "labels"] = torch.from_numpy(labels)
+        z[key + "seeds"] = torch.arange(n, dtype=torch.int64) + s0
+    save_file(z, str(path))
+    log(f"vision pool: {cfg.vision_pool} dense scenes + {VISION_VAL} held-out in {time.time() - t0:.0f}s")
+    return z
+
+
+def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: Path, settings: dict, log, record):
+    """Stage 1 (`vision_steps` > 0): the tokenizer's encoder learns what the questions ask about before any LM
+    sees it. Object heads (`ObjectHeads`) read each object's colour and shape and each tag's letter from a random
+    prefix of the latents, and per-patch heads (`vtc train vlm`'s `DenseHeads`, weight `patch_sup`) read each
+    cell's from the patch states the latents attend to, on crowded "dense"-variant scenes (as `vtc train vlm`'s
+    dense stage). Only encoder-side weights move (`train_mode`: no VQ code is re-seeded)."""
+    tower = model.model.vision_tower
+    enc = tower.tokenizer.encoder
+    grid = int(round(enc.num_patches**0.5))
+    patch_heads = vlm.DenseHeads(enc.ln_post.normalized_shape[0])
+    z = vision_pool(cfg, processor, grid, ckpt.parent, log)
+    scenes = [S.make_scene(int(sd), "dense") for sd in z["seeds"]]
+    val_scenes = [S.make_scene(int(sd)) for sd in z["val_seeds"]]
+    params = list(tower.parameters()) + list(heads.parameters()) + list(patch_heads.parameters())
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
+    modules = {"model": model, "heads": heads, "patch_heads": patch_heads}
+    start = 0
+    if ckpt.exists():
+        meta = vlm.load_state(ckpt, modules, opt)
+        vlm.check_settings(meta, settings, ckpt)
+        start = meta["step"]
+        log(f"resuming the vision stage at step {start}")
+    n_tok = tower.config.num_tokens
+    train_mode(model)
+    t0 = time.time()
+    for step in range(start, cfg.vision_steps):
+        r = np.random.default_rng(cfg.seed * 7919 + step)
+        idx = r.integers(0, len(scenes), cfg.vision_batch)
+        ks = [n_tok if r.random() < cfg.full_prob else int(r.integers(1, n_tok + 1)) for _ in idx]
+        for g in opt.param_groups:
+            g["lr"] = vlm.lr_at(step, cfg.vision_steps, cfg.vision_lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16), PatchCapture(enc) as cap:
+            lat = tower(z["pixels"][idx].float() / 255).last_hidden_state  # [B, K, width]
+            obj = heads.loss(lat, ks, [scenes[i] for i in idx])
+            patch = torch.zeros(())
+            if cfg.patch_sup > 0:
+                patch, _ = patch_heads.loss(cap.patches(lat.shape[1]), z["labels"][idx], grid, False)
+        opt.zero_grad(set_to_none=True)
+        (obj + cfg.patch_sup * patch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            msg = f"obj {float(obj.detach()):.3f} patch {float(patch.detach()):.3f} {time.time() - t0:.0f}s"
+            log(f"vision {step}/{cfg.vision_steps} {msg}")
+            record(stage="vision", step=step, obj=float(obj.detach()), patch=float(patch.detach()))
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vision_steps:
+            vlm.save_state(ckpt, modules, opt, {"stage": "vision", "step": step + 1, "settings": settings})
+        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.vision_steps:
+            with torch.no_grad():
+                lat = tower(z["val_pixels"].float() / 255).last_hidden_state
+            acc = {f"k{k}_{name}": v for k in (n_tok, max(1, n_tok // 4))
+                   for name, v in heads.accuracy(lat, [k] * len(lat), val_scenes).items()}  # fmt: skip
+            log(f"vision val {step + 1}: {acc}")
+            record(stage="vision_val", step=step + 1, **acc)
+    vlm.save_state(ckpt, modules, None, {"stage": "lm", "step": 0, "settings": settings})  # the LM stage starts
 
 
 @torch.no_grad()
@@ -347,7 +481,22 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
     seed0 = cfg.seed * 10**7 + 3 * 10**6  # disjoint from every benchmark split and from the other trainers' pools
     seeds = np.arange(cfg.pool) + seed0
     cache = work / "latents.safetensors"
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    ckpt = work / "state.safetensors"
+    settings = vlm.settings_of(cfg, BRIDGE_SETTINGS)
+    heads = ObjectHeads(model.config.vision_config.hidden_size)  # a training head (checkpointed, not saved)
+    if cfg.vision_steps > 0:
+        stage = "vision"
+        if ckpt.exists():
+            with safe_open(str(ckpt), "pt") as f:
+                stage = json.loads(f.metadata()["meta"]).get("stage", "lm")
+        if stage == "vision":  # the LM pool's latents below come from the encoder this stage trains
+            vision_stage(model, processor, heads, cfg, ckpt, settings, log, record)
+        else:  # done in an earlier run: its encoder computes the LM pool's latents
+            vlm.load_state(ckpt, {"model": model, "heads": heads}, None)
+    torch.manual_seed(cfg.seed + 1)  # the LM stage's randomness does not depend on whether the vision stage ran here
 
     z = load_file(str(cache)) if cache.exists() else {}
     tune = cfg.tower_lr > 0
@@ -372,13 +521,10 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
                "base_lr": cfg.lr}]  # fmt: skip
     if tune:
         groups.append({"params": list(tower.parameters()), "base_lr": cfg.tower_lr})
-    heads = ObjectHeads(latents.shape[-1])  # a training head (checkpointed, not saved with the model)
     if cfg.obj_sup > 0:
         groups[0]["params"] += list(heads.parameters())
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
-    ckpt = work / "state.safetensors"
-    settings = vlm.settings_of(cfg, BRIDGE_SETTINGS)
     start = 0
     if ckpt.exists():
         meta = vlm.load_state(ckpt, {"model": model, "heads": heads}, opt)
