@@ -53,9 +53,11 @@ class TokenizerTowerConfig(PretrainedConfig):
 @dataclass
 class TokenizerTowerOutput(BaseModelOutputWithPooling):
     """`last_hidden_state` / `hidden_states[-1]`: `[B, K, width]` latent tokens; `lengths`: `[B]` tokens each
-    image needs for `config.error` (adaptive tokenizers only, else None)."""
+    image needs for `config.error` (adaptive tokenizers only, else None); `halt_prob`: `[B, K]` the halting
+    probabilities those lengths come from (adaptive tokenizers with `config.error`, else None)."""
 
     lengths: Tensor | None = None
+    halt_prob: Tensor | None = None
 
 
 class TokenizerTower(PreTrainedModel):
@@ -95,11 +97,13 @@ class TokenizerTower(PreTrainedModel):
         tok = self.tokenizer
         if self.adaptive and self.config.error is not None:
             t = tok.encode(x, error=self.config.error)
-            lengths = t.lengths
+            lengths, halt = t.lengths, t.extras["halt_prob"]
         else:
-            t, lengths = tok.encode(x), None
+            t, lengths, halt = tok.encode(x), None, None
         latents = t.features.to(pixel_values.dtype)  # [B, K, width]
-        return TokenizerTowerOutput(last_hidden_state=latents, hidden_states=(latents,), lengths=lengths)
+        return TokenizerTowerOutput(
+            last_hidden_state=latents, hidden_states=(latents,), lengths=lengths, halt_prob=halt
+        )
 
 
 def load_tokenizer_into(tower: TokenizerTower, tokenizer) -> None:

@@ -49,6 +49,7 @@ asking for other ones is refused).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class BridgeConfig:
     vision_batch: int = 32
     vision_lr: float = 1e-3
     patch_sup: float = 1.0  # vision stage: weight of the per-patch heads on the encoder's patch states
+    halt_keep: float = 1.0  # vision stage, adaptive towers (KARL): weight of the loss keeping the halting as trained
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -92,7 +94,7 @@ class BridgeConfig:
 
 BRIDGE_SETTINGS = (
     "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "obj_sup",
-    "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup"
+    "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup", "halt_keep"
 )  # fmt: skip
 
 
@@ -355,6 +357,12 @@ class PatchCapture:
         return self.states[:, p : p + n]
 
 
+def binary_kl(p: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
+    """Mean KL(Bernoulli(p) || Bernoulli(q)) over the elements of `p`, `q` (probabilities, same shape)."""
+    p, q = p.clamp(eps, 1 - eps), q.clamp(eps, 1 - eps)
+    return (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()
+
+
 VISION_VAL = 256  # held-out benchmark-variant scenes for the vision stage's read-out accuracy
 
 
@@ -388,7 +396,12 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
     sees it. Object heads (`ObjectHeads`) read each object's colour and shape and each tag's letter from a random
     prefix of the latents, and per-patch heads (`vtc train vlm`'s `DenseHeads`, weight `patch_sup`) read each
     cell's from the patch states the latents attend to, on crowded "dense"-variant scenes (as `vtc train vlm`'s
-    dense stage). Only encoder-side weights move (`train_mode`: no VQ code is re-seeded)."""
+    dense stage). Decoder and quantizer never move (`train_mode`: no VQ code is re-seeded).
+
+    An adaptive tower (KARL with `error`) picks each image's length with a halting head that reads the latents;
+    `halt_keep` weighs the mean binary KL divergence from the tokenizer as trained (a frozen copy) to the tuned
+    tower's halting probabilities (encoder and halting head both learn it), so the lengths stay the ones KARL's
+    training taught."""
     tower = model.model.vision_tower
     enc = tower.tokenizer.encoder
     grid = int(round(enc.num_patches**0.5))
@@ -397,6 +410,8 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
     scenes = [S.make_scene(int(sd), "dense") for sd in z["seeds"]]
     val_scenes = [S.make_scene(int(sd)) for sd in z["val_seeds"]]
     params = list(tower.parameters()) + list(heads.parameters()) + list(patch_heads.parameters())
+    keep = cfg.halt_keep > 0 and tower.adaptive and tower.config.error is not None
+    teacher = copy.deepcopy(tower).requires_grad_(False) if keep else None  # the halting as trained
     for p in tower.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
@@ -417,19 +432,27 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
         for g in opt.param_groups:
             g["lr"] = vlm.lr_at(step, cfg.vision_steps, cfg.vision_lr)
         with torch.autocast("cpu", dtype=torch.bfloat16), PatchCapture(enc) as cap:
-            lat = tower(z["pixels"][idx].float() / 255).last_hidden_state  # [B, K, width]
+            pix = z["pixels"][idx].float() / 255
+            out = tower(pix)
+            lat = out.last_hidden_state  # [B, K, width]
             obj = heads.loss(lat, ks, [scenes[i] for i in idx])
+            halt = torch.zeros(())
+            if teacher is not None:
+                with torch.no_grad():
+                    ref = teacher(pix).halt_prob.float()  # [B, K]
+                halt = binary_kl(ref, out.halt_prob.float())
             patch = torch.zeros(())
             if cfg.patch_sup > 0:
                 patch, _ = patch_heads.loss(cap.patches(lat.shape[1]), z["labels"][idx], grid, False)
         opt.zero_grad(set_to_none=True)
-        (obj + cfg.patch_sup * patch).backward()
+        (obj + cfg.patch_sup * patch + cfg.halt_keep * halt).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            msg = f"obj {float(obj.detach()):.3f} patch {float(patch.detach()):.3f} {time.time() - t0:.0f}s"
-            log(f"vision {step}/{cfg.vision_steps} {msg}")
-            record(stage="vision", step=step, obj=float(obj.detach()), patch=float(patch.detach()))
+            parts = {k: float(v.detach()) for k, v in {"obj": obj, "patch": patch, "halt": halt}.items()}
+            msg = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            log(f"vision {step}/{cfg.vision_steps} {msg} {time.time() - t0:.0f}s")
+            record(stage="vision", step=step, **parts)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vision_steps:
             vlm.save_state(ckpt, modules, opt, {"stage": "vision", "step": step + 1, "settings": settings})
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.vision_steps:
