@@ -342,7 +342,9 @@ def test_tower_lr_fine_tunes_the_encoder_and_nothing_else_of_the_tokenizer(tmp_p
     # may move: `halt_keep` distils it, on the tuned latents, towards the halting of the tokenizer as trained
     from safetensors.torch import load_file
 
-    after = load_file(str(tmp_path / "vision" / "work" / "latents.safetensors"))["latents"]
+    cached = load_file(str(tmp_path / "vision" / "work" / "latents.safetensors"))
+    assert "head_attribution" in cached and "attribution" not in cached  # grounded where the heads read
+    after = cached["latents"]
     z = load_file(str(tmp_path / "vision" / "work" / "vision_pool.safetensors"))
     assert z["pixels"].shape == (8, 3, 16, 16) and z["labels"].shape == (8, 4, 4, 4)
     with torch.no_grad():  # the LM stage's cached latents are the tuned encoder's
@@ -441,3 +443,21 @@ def test_object_heads_read_only_the_kept_tokens_and_learn():
     acc = heads.accuracy(free, [8] * 6, scenes)
     assert acc["colour"] == acc["shape"] == 1.0 and set(acc) <= {"colour", "shape", "letter"}
     assert heads.accuracy(free, [1] * 6, scenes)["shape"] < 1.0  # one kept token cannot hold every object
+
+
+def test_head_attribution_is_each_objects_attention_in_its_slot():
+    torch.manual_seed(0)
+    scenes = [S.make_scene(s) for s in range(5)]
+    heads = bridge.ObjectHeads(32).eval()
+    lat = torch.randn(5, 8, 32)
+    att = heads.attribution(lat, scenes)
+    assert att.shape == (5, 8, bridge.SLOTS)
+    for b, sc in enumerate(scenes):
+        labels = bridge.object_labels(sc)
+        for m, row in enumerate(labels):  # one query at a time, by the module's own attention
+            q = heads.embed(torch.tensor([[row[:2]]]), torch.tensor([[row[2]]]))
+            kv = heads.norm(lat[b : b + 1])
+            _, w = heads.attn(q, kv, kv, need_weights=True)
+            torch.testing.assert_close(att[b, :, m], w[0, 0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(att[b, :, : len(labels)].sum(0), torch.ones(len(labels)))
+        assert att[b, :, len(labels) :].abs().sum() == 0  # empty slots stay empty

@@ -35,7 +35,9 @@ Vision stage (`vision_steps` > 0, before the LM stage; `vtc train vlm`'s dense s
 encoder alone learns what the questions ask about. Object heads read each object's colour and shape and each letter
 tag's letter from a random prefix of the latents (a query built from its centre, `ObjectHeads`), and per-patch
 heads (`patch_sup`) read each cell's from the patch states the latents attend to in the encoder's last block, on
-crowded "dense"-variant scenes. The LM stage then caches the latents of that tuned encoder. The pixel loss of the
+crowded "dense"-variant scenes. The LM stage then caches the latents of that tuned encoder, and its grounding
+targets come from where the object heads read each object (`ObjectHeads.attribution`, the same fewest-tokens rule):
+the decoder-ablation attribution would ask a decoder that never saw the tuned latents. The pixel loss of the
 tokenizers' own training keeps colour and place but not shape (a blob of the right colour), and nearly every
 question names a shape: this stage is what puts the shapes into the tokens.
 
@@ -277,20 +279,42 @@ class ObjectHeads(nn.Module):
         four = torch.cat([ang.sin(), ang.cos()], -1).flatten(-2)  # [B, M, 4F]
         return self.query(torch.cat([four, is_tag[..., None].to(xy.dtype), 1 - is_tag[..., None].to(xy.dtype)], -1))
 
-    def read(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> list[tuple[Tensor, Tensor]]:
-        """(logits `[M, C]`, targets `[M]`) of the colour, shape and letter read-outs over every object (colour,
-        shape) and letter tag (letter) of `scenes`, each read from the first `ks[b]` latent tokens of image b."""
-        b, n, _ = latents.shape
+    @staticmethod
+    def labels(scenes: list[S.Scene]) -> Tensor:
+        """`[B, M, 5]` `object_labels` of each scene (x, y, is_tag, class, valid), padded with -1 rows."""
         objs = [object_labels(sc) for sc in scenes]
-        m = max(1, max(len(o) for o in objs))
-        lab = torch.full((b, m, 5), -1.0)  # x, y, is_tag, class, valid
+        lab = torch.full((len(scenes), max(1, max(len(o) for o in objs)), 5), -1.0)
         for i, o in enumerate(objs):
             if o:
                 lab[i, : len(o)] = torch.tensor(o)
+        return lab
+
+    def attend(self, latents: Tensor, ks: list[int], lab: Tensor, weights: bool = False) -> tuple[Tensor, Tensor]:
+        """Each object's (or tag's) query over the first `ks[b]` latents: states `[B, M, width]` and, with
+        `weights`, the attention `[B, M, K]` (mean over heads; the dropped tail gets 0)."""
+        n = latents.shape[1]
         kv = self.norm(latents)
         pad = torch.arange(n)[None] >= torch.tensor(ks)[:, None]  # [B, K]: dropped tail
         q = self.embed(lab[..., :2].clamp(0, 1).to(kv.dtype), lab[..., 2].clamp(0, 1))
-        h, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)  # [B, M, width]
+        return self.attn(q, kv, kv, key_padding_mask=pad, need_weights=weights)  # [B, M, width], [B, M, K]
+
+    @torch.no_grad()
+    def attribution(self, latents: Tensor, scenes: list[S.Scene], slots: int = SLOTS) -> Tensor:
+        """`[B, K, slots]` as `token_attribution`, from where the heads read each object: entry (b, j, m) is the
+        attention of object m's query (slot = pixel-map id - 1: the objects, then the letter tag) on token j."""
+        lab = self.labels(scenes)
+        _, att = self.attend(latents, [latents.shape[1]] * len(scenes), lab, weights=True)
+        out = torch.zeros(latents.shape[0], latents.shape[1], slots)
+        for b, sc in enumerate(scenes):
+            m = min(slots, len(sc.objects) + len(sc.tags()))
+            out[b, :, :m] = att[b, :m].float().T
+        return out
+
+    def read(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> list[tuple[Tensor, Tensor]]:
+        """(logits `[M, C]`, targets `[M]`) of the colour, shape and letter read-outs over every object (colour,
+        shape) and letter tag (letter) of `scenes`, each read from the first `ks[b]` latent tokens of image b."""
+        lab = self.labels(scenes)
+        h, _ = self.attend(latents, ks, lab)
         h = h.float()
         valid, tag, cls = lab[..., 4] > 0, lab[..., 2] > 0, lab[..., 3].long()
         return [
@@ -523,14 +547,20 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
 
     z = load_file(str(cache)) if cache.exists() else {}
     tune = cfg.tower_lr > 0
-    if not z or (cfg.attn_sup > 0 and "attribution" not in z) or (tune and "pixels" not in z):
+    key = "head_attribution" if cfg.vision_steps > 0 else "attribution"  # the grounding targets' source
+    if not z or (cfg.attn_sup > 0 and key not in z) or (tune and "pixels" not in z):
         t0 = time.time()
         images, _ = vlm.render_pool(cfg.pool, 4, seed0=seed0, workers=cfg.threads)
         if not z:
             z["latents"], z["lengths"] = tower_latents(model, processor, images)
             log(f"latent tokens of {cfg.pool} scenes {tuple(z['latents'].shape)} in {time.time() - t0:.0f}s")
-        if cfg.attn_sup > 0 and "attribution" not in z:
-            z["attribution"] = attribution_pool(model, processor, images, seeds)
+        if cfg.attn_sup > 0 and key not in z and cfg.vision_steps > 0:  # where the vision stage's heads read
+            heads.eval()
+            z[key] = torch.cat([heads.attribution(z["latents"][i : i + 256], [S.make_scene(int(sd)) for sd in
+                                seeds[i : i + 256]]) for i in range(0, cfg.pool, 256)])  # fmt: skip
+            heads.train()
+        elif cfg.attn_sup > 0 and key not in z:
+            z[key] = attribution_pool(model, processor, images, seeds)
             log(f"token attribution of {cfg.pool} scenes in {time.time() - t0:.0f}s")
         if tune and "pixels" not in z:  # the tower's input, uint8 [n, 3, S, S]: a tuned tower is run every step
             z["pixels"] = tower_pixels(processor, images)
@@ -587,7 +617,7 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
             ground = torch.zeros(())
             if cfg.attn_sup > 0:  # answer rows attend to the kept tokens that draw the asked objects
                 targets = [
-                    [question_tokens(scene, q, z["attribution"][i], k) for q, _ in t]
+                    [question_tokens(scene, q, z[key][i], k) for q, _ in t]
                     for (scene, t), i, k in zip(made, idx, ks, strict=True)
                 ]
                 ground = vlm.grounding_loss(capture.store, rows, targets)
