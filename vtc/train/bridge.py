@@ -87,6 +87,7 @@ class BridgeConfig:
     vision_lr: float = 1e-3
     patch_sup: float = 1.0  # vision stage: weight of the per-patch heads on the encoder's patch states
     halt_keep: float = 1.0  # vision stage, adaptive towers (KARL): weight of the loss keeping the halting as trained
+    slot_sup: float = 0.0  # vision stage: weight of the object-slot loss (`SlotHeads`: one object per token)
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -96,7 +97,8 @@ class BridgeConfig:
 
 BRIDGE_SETTINGS = (
     "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "obj_sup",
-    "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup", "halt_keep"
+    "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup", "halt_keep",
+    "slot_sup"
 )  # fmt: skip
 
 
@@ -338,6 +340,69 @@ class ObjectHeads(nn.Module):
         return out
 
 
+class SlotHeads(nn.Module):
+    """Object slots: every kept latent token `[B, K, width]` names one object (its colour and shape, or a tag's
+    letter) and its centre, or "nothing", by linear read-outs; objects are matched one-to-one to the first `ks[b]`
+    tokens of image b by the Hungarian algorithm on the read-out's cost (DETR's set prediction, arXiv 2005.12872).
+
+    Where `ObjectHeads` finds an object by its place, this makes each object's content sit in one token, as in a ViT
+    cell, so that a language model can find it by what the question names."""
+
+    NONE_WEIGHT = 0.1  # weight of the "nothing" class on unmatched tokens (DETR's eos_coef)
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.classes = len(S.COLOURS) * len(S.SHAPES) + len(S.LETTERS)  # objects, then letters; then "nothing"
+        self.cls = nn.Linear(width, self.classes + 1)
+        self.xy = nn.Linear(width, 2)
+
+    def targets(self, scene: S.Scene) -> tuple[Tensor, Tensor]:
+        """Class `[M]` (objects: colour * #shapes + shape; tags: objects' classes + letter) and centre `[M, 2]`."""
+        rows = object_labels(scene)
+        cls = [int(c) + (len(S.COLOURS) * len(S.SHAPES) if tag else 0) for _, _, tag, c, _ in rows]
+        return torch.tensor(cls, dtype=torch.long), torch.tensor([r[:2] for r in rows]).reshape(-1, 2)
+
+    @staticmethod
+    def match(cost: Tensor) -> tuple[list[int], list[int]]:
+        """Minimum-cost one-to-one matching of a `[tokens, objects]` cost: (token rows, object columns)."""
+        from scipy.optimize import linear_sum_assignment
+
+        rows, cols = linear_sum_assignment(cost.detach().float().numpy())
+        return rows.tolist(), cols.tolist()
+
+    def loss(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> Tensor:
+        logp = self.cls(latents).float().log_softmax(-1)  # [B, K, C + 1]
+        xy = self.xy(latents).float().sigmoid()  # [B, K, 2]
+        terms = []
+        for b, (k, sc) in enumerate(zip(ks, scenes, strict=True)):
+            cls, cen = self.targets(sc)
+            target = torch.full((k,), self.classes, dtype=torch.long)  # "nothing" unless matched
+            weight = torch.full((k,), self.NONE_WEIGHT)
+            box = torch.zeros(())
+            if len(cls):
+                cost = -logp[b, :k, cls] + 5 * (xy[b, :k, None] - cen[None]).abs().sum(-1)  # [k, M]
+                rows, cols = self.match(cost)
+                target[rows], weight[rows] = cls[cols], 1.0
+                box = (xy[b, rows] - cen[cols]).abs().sum(-1).sum()
+            ce = nn.functional.nll_loss(logp[b, :k], target, reduction="none")
+            terms.append(((ce * weight).sum() + 5 * box) / weight.sum())
+        return torch.stack(terms).mean()
+
+    @torch.no_grad()
+    def accuracy(self, latents: Tensor, ks: list[int], scenes: list[S.Scene]) -> float:
+        """Share of objects and tags whose matched token names their class."""
+        logp = self.cls(latents).float().log_softmax(-1)
+        xy = self.xy(latents).float().sigmoid()
+        hits, total = 0, 0
+        for b, (k, sc) in enumerate(zip(ks, scenes, strict=True)):
+            cls, cen = self.targets(sc)
+            if len(cls):
+                rows, cols = self.match(-logp[b, :k, cls] + 5 * (xy[b, :k, None] - cen[None]).abs().sum(-1))
+                hits += int((logp[b, rows].argmax(-1) == cls[cols]).sum())
+                total += len(cls)
+        return round(hits / max(total, 1), 3)
+
+
 def object_labels(scene: S.Scene) -> list[tuple[float, float, float, float, float]]:
     """(x, y, is_tag, class, 1) per object (class = colour * #shapes + shape) and letter tag (class = letter), the
     centre as a fraction of the image side."""
@@ -433,13 +498,14 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
     z = vision_pool(cfg, processor, grid, ckpt.parent, log)
     scenes = [S.make_scene(int(sd), "dense") for sd in z["seeds"]]
     val_scenes = [S.make_scene(int(sd)) for sd in z["val_seeds"]]
-    params = list(tower.parameters()) + list(heads.parameters()) + list(patch_heads.parameters())
+    slots = SlotHeads(enc.ln_post.normalized_shape[0])
+    params = [*tower.parameters(), *heads.parameters(), *patch_heads.parameters(), *slots.parameters()]
     keep = cfg.halt_keep > 0 and tower.adaptive and tower.config.error is not None
     teacher = copy.deepcopy(tower).requires_grad_(False) if keep else None  # the halting as trained
     for p in tower.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
-    modules = {"model": model, "heads": heads, "patch_heads": patch_heads}
+    modules = {"model": model, "heads": heads, "patch_heads": patch_heads, "slots": slots}
     start = 0
     if ckpt.exists():
         meta = vlm.load_state(ckpt, modules, opt)
@@ -460,6 +526,7 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
             out = tower(pix)
             lat = out.last_hidden_state  # [B, K, width]
             obj = heads.loss(lat, ks, [scenes[i] for i in idx])
+            slot = slots.loss(lat, ks, [scenes[i] for i in idx]) if cfg.slot_sup > 0 else torch.zeros(())
             halt = torch.zeros(())
             if teacher is not None:
                 with torch.no_grad():
@@ -469,11 +536,11 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
             if cfg.patch_sup > 0:
                 patch, _ = patch_heads.loss(cap.patches(lat.shape[1]), z["labels"][idx], grid, False)
         opt.zero_grad(set_to_none=True)
-        (obj + cfg.patch_sup * patch + cfg.halt_keep * halt).backward()
+        (obj + cfg.patch_sup * patch + cfg.halt_keep * halt + cfg.slot_sup * slot).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            parts = {k: float(v.detach()) for k, v in {"obj": obj, "patch": patch, "halt": halt}.items()}
+            parts = {k: float(v.detach()) for k, v in {"obj": obj, "patch": patch, "halt": halt, "slot": slot}.items()}
             msg = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
             log(f"vision {step}/{cfg.vision_steps} {msg} {time.time() - t0:.0f}s")
             record(stage="vision", step=step, **parts)
@@ -484,6 +551,8 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
                 lat = tower(z["val_pixels"].float() / 255).last_hidden_state
             acc = {f"k{k}_{name}": v for k in (n_tok, max(1, n_tok // 4))
                    for name, v in heads.accuracy(lat, [k] * len(lat), val_scenes).items()}  # fmt: skip
+            if cfg.slot_sup > 0:
+                acc.update({f"k{k}_slot": slots.accuracy(lat, [k] * len(lat), val_scenes) for k in (n_tok, 8)})
             log(f"vision val {step + 1}: {acc}")
             record(stage="vision_val", step=step + 1, **acc)
     vlm.save_state(ckpt, modules, None, {"stage": "lm", "step": 0, "settings": settings})  # the LM stage starts
