@@ -558,10 +558,11 @@ def vision_stage(model, processor, heads: ObjectHeads, cfg: BridgeConfig, ckpt: 
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.vision_steps:
             with torch.no_grad():
                 lat = tower(z["val_pixels"].float() / 255).last_hidden_state
-            acc = {f"k{k}_{name}": v for k in (n_tok, max(1, n_tok // 4))
-                   for name, v in heads.accuracy(lat, [k] * len(lat), val_scenes).items()}  # fmt: skip
-            if cfg.slot_sup > 0:
-                acc.update({f"k{k}_slot": slots.accuracy(lat, [k] * len(lat), val_scenes) for k in (n_tok, 8)})
+            acc = {}
+            for k in (n_tok, max(1, n_tok // 4)):
+                acc.update({f"k{k}_{name}": v for name, v in heads.accuracy(lat, [k] * len(lat), val_scenes).items()})
+                if cfg.slot_sup > 0:
+                    acc[f"k{k}_slot"] = slots.accuracy(lat, [k] * len(lat), val_scenes)
             log(f"vision val {step + 1}: {acc}")
             record(stage="vision_val", step=step + 1, **acc)
     vlm.save_state(ckpt, modules, None, {"stage": "lm", "step": 0, "settings": settings})  # the LM stage starts
