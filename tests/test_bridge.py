@@ -500,3 +500,43 @@ def test_slot_heads_learn_one_object_per_token_within_the_prefix():
         slots.loss(free, [8] * 6, scenes).backward()
         opt.step()
     assert slots.accuracy(free, [8] * 6, scenes) >= 0.8 > 0.1 > before  # chance: 1 / 35 (the matching is free)
+
+
+def test_init_projector_standardises_the_latents_and_sets_the_token_scale():
+    from transformers import LlamaConfig, LlavaConfig
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    cfg = LlavaConfig(vision_config={"model_type": "clip_vision_model", "hidden_size": 6, "num_attention_heads": 2},
+                      text_config=LlamaConfig(hidden_size=16, num_attention_heads=2), projector_hidden_act="gelu",
+                      )  # fmt: skip
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, 6) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0, 1.0]) + torch.arange(6.0) * 7
+    a, b = torch.rand(6) * 5 + 0.1, torch.randn(6) * 3  # a per-dimension affine change of the latents
+    p1, p2 = LlavaMultiModalProjector(cfg), LlavaMultiModalProjector(cfg)
+    bridge.init_projector(p1, x, rms=3.0, seed=4)
+    bridge.init_projector(p2, x * a + b, rms=3.0, seed=4)
+    with torch.no_grad():
+        y1, y2 = p1(x), p2(x * a + b)  # [50, 8, 16]
+    assert y1.pow(2).mean().sqrt().item() == pytest.approx(3.0, rel=1e-4)
+    torch.testing.assert_close(y1, y2, rtol=1e-3, atol=1e-3)  # what the projector sees does not depend on units
+    assert y1.std(dim=(0, 1)).min() > 0.1  # no dead output dimension
+
+
+@pytest.mark.parametrize("proj_rms", [0.0, 4.0])
+def test_a_fresh_lm_stage_starts_from_the_readable_projector(tmp_path, proj_rms):
+    from safetensors.torch import load_file
+
+    kw = dict(pool=8, steps=0, batch=2, qa_per_image=2, val_per_type=1, attn_sup=0.0, proj_rms=proj_rms)
+    (model, _, _), cfg = _bridge(tmp_path, "flextok", **kw)
+    out = bridge.train_bridge(cfg, tmp_path / "run", log=lambda *_: None)
+    saved = AutoModelForImageTextToText.from_pretrained(out).model.multi_modal_projector
+    latents = load_file(str(tmp_path / "run" / "work" / "latents.safetensors"))["latents"]
+    with torch.no_grad():
+        rms = saved(latents).pow(2).mean().sqrt().item()
+    if proj_rms:
+        bridge.init_projector(model.model.multi_modal_projector, latents, proj_rms, cfg.seed)
+        assert rms == pytest.approx(proj_rms, rel=1e-3)
+        for k, v in model.model.multi_modal_projector.state_dict().items():
+            assert torch.equal(v, saved.state_dict()[k]), k
+    else:  # transformers' own init (std 0.02): tokens far smaller than the LM can read (README)
+        assert rms < 0.1

@@ -91,6 +91,7 @@ class BridgeConfig:
     patch_sup: float = 1.0  # vision stage: weight of the per-patch heads on the encoder's patch states
     halt_keep: float = 1.0  # vision stage, adaptive towers (KARL): weight of the loss keeping the halting as trained
     slot_sup: float = 0.0  # vision stage: weight of the object-slot loss (`SlotHeads`: one object per token)
+    proj_rms: float = 4.0  # LM stage start: projected tokens' RMS per dimension (`init_projector`); 0: transformers'
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 100
@@ -101,7 +102,7 @@ class BridgeConfig:
 BRIDGE_SETTINGS = (
     "pool", "steps", "batch", "qa_per_image", "lr", "full_prob", "attn_sup", "question_sup", "tower_lr", "obj_sup",
     "seed", "vision_steps", "vision_pool", "vision_batch", "vision_lr", "patch_sup", "halt_keep",
-    "slot_sup"
+    "slot_sup", "proj_rms"
 )  # fmt: skip
 
 
@@ -222,6 +223,29 @@ def attribution_pool(model, processor, images: np.ndarray, seeds: np.ndarray, ch
                 for sd in seeds[i : i + chunk]]  # fmt: skip
         out.append(token_attribution(tokenizer, pix.float().clamp(0, 1), torch.from_numpy(np.stack(maps))))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def init_projector(projector, latents: Tensor, rms: float, seed: int = 0) -> None:
+    """Start the LLaVA projector `latents [..., w] -> [..., D]` where the LM can read its tokens: the latents
+    standardised per dimension (folded into `linear_1`), Gaussian fan-in weights, zero biases, and `linear_2` scaled
+    so the projected tokens have root-mean-square `rms` per dimension on `latents`.
+
+    transformers initialises the projector like the LM (std 0.02): projected tokens of norm ~0.1, beside word
+    embeddings of ~0.2, which each layer's residual updates swamp. `vtc train vlm` never meets this (its dense
+    stage trains the projector, to tokens of norm ~9); a bridge whose LM stage starts from that init did not learn
+    to read its tokens, not even one-hot oracle tokens with the grounding heads on the right token (README)."""
+    x = latents.reshape(-1, latents.shape[-1]).float()  # [n*K, w]
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(len(x), generator=g)[:16384]]
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)  # [w]
+    l1, l2 = projector.linear_1, projector.linear_2
+    w1 = torch.randn(l1.weight.shape, generator=g) / l1.in_features**0.5 / sd  # [D, w]
+    l1.weight.copy_(w1)
+    l1.bias.copy_(-(w1 @ mu))
+    l2.weight.copy_(torch.randn(l2.weight.shape, generator=g) / l2.in_features**0.5)
+    l2.bias.zero_()
+    l2.weight.mul_(rms / projector(x.to(l1.weight.dtype)).float().pow(2).mean().sqrt())
 
 
 def prefix_batch(
@@ -664,6 +688,8 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         start = meta["step"]
     if start:
         log(f"resuming at step {start}")
+    elif cfg.proj_rms > 0:  # a fresh LM stage: the projector starts where the LM can read its tokens
+        init_projector(model.model.multi_modal_projector, latents, cfg.proj_rms, cfg.seed)
     layers = model.model.language_model.layers
     supervised = ([0] if cfg.question_sup > 0 else []) + (list(range(1, len(layers))) if cfg.attn_sup > 0 else [])
     capture = vlm.AttentionCapture({i: layers[i].self_attn for i in supervised})
