@@ -19,15 +19,16 @@ pixels change in the reconstruction; an object's targets are the fewest kept tok
 object) of layers 1.. must attend from each answer row to them, as `vtc train vlm` grounds on object cells;
 `question_sup` is `vtc train vlm`'s layer-0 question loss.
 
-Measured (one run each, 3 000 steps, 600 test questions, README): on a FlexTok trained on benchmark scenes at 96 px
-with object-weighted pixels (`vtc train tokenizer flextok --data shapes --object-weight 30`), which encodes each
-object's colour and place but not its shape, the bridge reaches 0.388 with the grounding (colour 0.50, shape 0.25 =
-chance, text 0.08) and 0.312 without (colour 0.18: the answer prior). On the 32-px FlexTok trained on synthetic
-images, answer-only training stayed at 0.32-0.35, and a grounding loss on every kept token (this option's first
-form) made the image tokens a constant sink. What is missing is a tokenizer that encodes the shapes and letters.
-The vision stage below puts them in (held-out read-out of shape 0.97 after 12 000 steps), but an LM stage of 2 000
-steps on those latents answered from its priors (0.308): the content is spread over tokens and found by place, and
-the LM must find an object by what the question names (`SlotHeads`, `slot_sup`, is the structure that would let it).
+The projector (`proj_rms`, default 4): a fresh LM stage starts from `init_projector` (standardised latents, tokens
+of RMS 4 per dimension), not from transformers' init (std 0.02, tokens of norm ~0.1): from that init the LM never
+learnt to read its visual tokens, not even one-hot oracle ones on which its grounding heads already attended to the
+right token (README). `vtc train vlm` does not need this: its dense stage trains the projector.
+
+Measured (README, one run each, 600 test questions): with the vision stage below (12 000 steps) and 2 000 LM steps
+from `init_projector`, the FlexTok bridge answers 0.873 with all 32 tokens and 0.770 with its first 8 (DivPrune's
+8: 0.745, random 8: 0.650). The same latents and LM stage from transformers' projector init scored 0.308, and
+earlier bridges without a vision stage, whose tokenizers encode each object's colour and place but not its shape,
+0.31-0.39.
 
 Fine-tuning the tokenizer (`tower_lr` > 0): the QA loss also trains the tokenizer's encoder (the parameters on the
 path to the latents; decoder, quantizer and KARL's halting head get no gradient), as LLaVA-style recipes unfreeze
