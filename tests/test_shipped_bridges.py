@@ -13,9 +13,12 @@ from vtc.eval.benchmarks import shapes as S
 from vtc.eval.harness import load_model, resolve_model_path
 
 # floors a little under each shipped bridge's accuracy on these 150 test questions (measured values in the comments;
-# README: the 600-question table): (all 32 tokens, `prefix` at 8 tokens)
+# README: the 600-question tables): (all 32 tokens, `prefix` at 8 tokens, whether those beat 8 random tokens).
+# KARL's `prefix` keeps min(8, the length its halting picks for the error it was trained at): 2.6 tokens on average
+# at 0.08, fewer than random's 8, so its order is not compared there.
 FLOORS = {
-    "tiny-flextok-llava-shapes": (0.85, 0.8),  # 0.920, 0.867 (random 8: 0.740)
+    "tiny-flextok-llava-shapes": (0.85, 0.8, True),  # 0.920, 0.867 (random 8: 0.740)
+    "tiny-karl-llava-shapes": (0.55, 0.38, False),  # 0.627, 0.453 (random 8: 0.433)
 }
 
 
@@ -36,6 +39,7 @@ def test_shipped_bridge_answers_and_its_order_beats_random(name):
     torch.manual_seed(0)
     with compressed(model, "random", budget=8):
         random8 = _accuracy(model, processor, bench)
-    floor_full, floor_8 = FLOORS[name]
+    floor_full, floor_8, beats_random = FLOORS[name]
     assert full >= floor_full and first8 >= floor_8, (full, first8)
-    assert first8 > random8, (first8, random8)  # the tokenizer's order carries the image's content first
+    if beats_random:  # the tokenizer's order carries the image's content first
+        assert first8 > random8, (first8, random8)
