@@ -1,8 +1,10 @@
 """Train a tiny VLM whose visual input is a 1-D tokenizer's tokens (the tokenizer → VLM bridge of issue 5).
 
-    vtc train bridge flextok     --out assets/tiny-flextok-llava-shapes
-    vtc train bridge one_d_piece --out assets/tiny-one-d-piece-llava-shapes
-    vtc train bridge karl        --out assets/tiny-karl-llava-shapes --error 0.08
+    vtc train bridge flextok --tokenizer-path assets/tokenizers/flextok_shapes --vision-steps 8000 \
+        --out assets/tiny-flextok-llava-shapes
+    vtc train bridge one_d_piece --tokenizer-path assets/tokenizers/one_d_piece_shapes --vision-steps 8000 \
+        --out assets/tiny-one-d-piece-llava-shapes
+    vtc train bridge karl --error 0.08 --vision-steps 4000 --out assets/tiny-karl-llava-shapes
 
 The model is a stock `LlavaForConditionalGeneration`: the frozen, trained tokenizer (`assets/tokenizers/NAME`) is
 its vision tower (`vtc.tokenizers.tower.TokenizerTower`, giving the K latent tokens of the image at its size), then
@@ -232,10 +234,11 @@ def init_projector(projector, latents: Tensor, rms: float, seed: int = 0) -> Non
     standardised per dimension (folded into `linear_1`), Gaussian fan-in weights, zero biases, and `linear_2` scaled
     so the projected tokens have root-mean-square `rms` per dimension on `latents`.
 
-    transformers initialises the projector like the LM (std 0.02): projected tokens of norm ~0.1, beside word
-    embeddings of ~0.2, which each layer's residual updates swamp. `vtc train vlm` never meets this (its dense
-    stage trains the projector, to tokens of norm ~9); a bridge whose LM stage starts from that init did not learn
-    to read its tokens, not even one-hot oracle tokens with the grounding heads on the right token (README)."""
+    transformers initialises the projector like the LM (std 0.02), so projected tokens start at norm ~0.1 (word
+    embeddings: ~0.2). From there the bridge's LM did not learn to read its tokens, not even one-hot oracle tokens on
+    which its grounding heads already attended to the asked object; with the projector's weights scaled up it did
+    (README; how the small scale blocks it was not pinned down). `vtc train vlm` never meets this: its dense stage
+    trains the projector, to tokens of norm ~9. The statistics come from up to 16 384 of the latent tokens."""
     x = latents.reshape(-1, latents.shape[-1]).float()  # [n*K, w]
     g = torch.Generator().manual_seed(seed)
     x = x[torch.randperm(len(x), generator=g)[:16384]]
