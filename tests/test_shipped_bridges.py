@@ -19,6 +19,7 @@ from vtc.eval.harness import load_model, resolve_model_path
 FLOORS = {
     "tiny-flextok-llava-shapes": (0.85, 0.8, True),  # 0.920, 0.867 (random 8: 0.740)
     "tiny-karl-llava-shapes": (0.55, 0.38, False),  # 0.627, 0.453 (random 8: 0.433)
+    "tiny-one-d-piece-llava-shapes": (0.88, 0.78, True),  # 0.940, 0.847 (random 8: 0.607)
 }
 
 
