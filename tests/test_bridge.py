@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from vtc.adapters import adapter_of
 from vtc.eval.benchmarks import shapes as S
@@ -582,18 +582,11 @@ def test_the_lm_learns_to_read_its_tokens_only_from_a_readable_projector(tmp_pat
     bridge.train_mode(model)
     for step in range(100):
         sl = slice(16 * step, 16 * step + 16)
-        rows, starts = [], []
         capture.store.clear()
         with capture:
-            ids, lab, mask, pos, feats = bridge.prefix_batch(model, tok, lat[sl], [8] * 16, turns[sl], rows, starts)
-            logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten())
-            q_cols = [
-                [vlm.question_columns(q, a) for (q, _), a in zip(t, st, strict=True)]
-                for t, st in zip(turns[sl], starts, strict=True)
-            ]
-            q_loss = vlm.grounding_loss({0: capture.store.pop(0)}, rows, q_cols, spread=True)
-            ground = vlm.grounding_loss(capture.store, rows, targets[sl])
+            loss, q_loss, ground = bridge.qa_losses(
+                model, tok, capture, lat[sl], [8] * 16, turns[sl], targets[sl], True
+            )
         opt.zero_grad()
         (loss + q_loss + ground).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -26,11 +26,11 @@ of RMS 4 per dimension), not from transformers' init (std 0.02, tokens of norm ~
 learnt to read its visual tokens, not even one-hot oracle ones on which its grounding heads already attended to the
 right token (README). `vtc train vlm` does not need this: its dense stage trains the projector.
 
-Measured (README, one run each, 600 test questions): with the vision stage below (12 000 steps) and 2 000 LM steps
-from `init_projector`, the FlexTok bridge answers 0.873 with all 32 tokens and 0.770 with its first 8 (DivPrune's
-8: 0.745, random 8: 0.650). The same latents and LM stage from transformers' projector init scored 0.308, and
-earlier bridges without a vision stage, whose tokenizers encode each object's colour and place but not its shape,
-0.31-0.39.
+Measured (README, one run each, 600 test questions): the shipped bridges (the commands above, 3 000 LM steps from
+`init_projector`) answer 0.892 (FlexTok), 0.910 (One-D-Piece) and 0.648 (KARL at 32 px) with all 32 tokens; the
+first 8 tokens of FlexTok 0.795 and of One-D-Piece 0.787, against 0.767 / 0.782 for DivPrune's 8 and 0.720 / 0.590
+for 8 random ones. Vision-stage latents whose LM stage started from transformers' projector init scored 0.308 (the
+same latents from `init_projector`: 0.873), and earlier bridges without a vision stage 0.31-0.39.
 
 Fine-tuning the tokenizer (`tower_lr` > 0): the QA loss also trains the tokenizer's encoder (the parameters on the
 path to the latents; decoder, quantizer and KARL's halting head get no gradient), as LLaVA-style recipes unfreeze
@@ -284,6 +284,30 @@ def prefix_batch(
     proj = model.model.multi_modal_projector(latents)  # [B, K, D]
     feats = torch.cat([proj[j, :k] for j, k in enumerate(ks)])  # [sum ks, D]
     return ids, lab, mask, pos, feats
+
+
+def qa_losses(
+    model, tok, capture, latents: Tensor, ks: list[int], turns: list, targets: list | None, question_sup: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The LM stage's losses on `latents [B, K, w]` cut to `ks` with `turns`, inside an active `capture`
+    (`vlm.AttentionCapture` of layer 0 and the grounded layers): answer cross-entropy; the layer-0 question loss
+    (`question_sup`: head 0 reads the words that pick the objects, as `vtc train vlm`); and the grounding loss
+    (`targets`, `question_tokens` per turn: the answer rows attend to the asked objects' tokens). Off: zero."""
+    rows: list[list[int]] = []
+    starts: list[list[int]] = []
+    ids, lab, mask, pos, feats = prefix_batch(model, tok, latents, ks, turns, rows, starts)
+    logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+    layer0 = {0: capture.store.pop(0)} if 0 in capture.store else {}
+    q_ground = torch.zeros(())
+    if question_sup:
+        q_cols = [
+            [vlm.question_columns(q, a) for (q, _), a in zip(t, st, strict=True)]
+            for t, st in zip(turns, starts, strict=True)
+        ]
+        q_ground = vlm.grounding_loss(layer0, rows, q_cols, spread=True)
+    ground = vlm.grounding_loss(capture.store, rows, targets) if targets is not None else torch.zeros(())
+    return loss, q_ground, ground
 
 
 class ObjectHeads(nn.Module):
@@ -707,29 +731,16 @@ def train_bridge(cfg: BridgeConfig, out: str | Path, log=print) -> Path:
         turns = [t for _, t in made]
         for g in opt.param_groups:
             g["lr"] = vlm.lr_at(step, cfg.steps, g["base_lr"])
-        rows: list[list[int]] = []
-        starts: list[list[int]] = []
         capture.store.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16), capture:
             lat = tower(z["pixels"][idx].float() / 255).last_hidden_state if tune else latents[idx]  # [B, K, w]
-            ids, lab, mask, pos, feats = prefix_batch(model, tok, lat, ks, turns, rows, starts)
-            logits, _ = vlm.lm_forward(model, "llava", ids, mask, feats, 0, None, pos)
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
-            layer0 = {0: capture.store.pop(0)} if 0 in capture.store else {}
-            q_ground = torch.zeros(())
-            if cfg.question_sup > 0:  # head 0 of layer 0 reads the words that pick the objects (vtc train vlm)
-                q_cols = [
-                    [vlm.question_columns(q, a) for (q, _), a in zip(t, st, strict=True)]
-                    for t, st in zip(turns, starts, strict=True)
-                ]
-                q_ground = vlm.grounding_loss(layer0, rows, q_cols, spread=True)
-            ground = torch.zeros(())
+            targets = None
             if cfg.attn_sup > 0:  # answer rows attend to the kept tokens that draw the asked objects
                 targets = [
                     [question_tokens(scene, q, z[key][i], k) for q, _ in t]
                     for (scene, t), i, k in zip(made, idx, ks, strict=True)
                 ]
-                ground = vlm.grounding_loss(capture.store, rows, targets)
+            loss, q_ground, ground = qa_losses(model, tok, capture, lat, ks, turns, targets, cfg.question_sup > 0)
             obj = heads.loss(lat, ks, [sc for sc, _ in made]) if cfg.obj_sup > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + cfg.attn_sup * ground + cfg.question_sup * q_ground + cfg.obj_sup * obj).backward()
